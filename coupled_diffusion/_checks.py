@@ -1,0 +1,44 @@
+"""Eager parameter validation: static shapes always, values when they are concrete.
+
+Under `jit`/`vmap` values are tracers; then only shapes are checked here and the
+solvers report bad values through their `result` code instead.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def as_float(x, name: str):
+    """`x` as a floating JAX array (keeps float32/float64; promotes integers)."""
+    try:
+        x = jnp.asarray(x)
+    except TypeError as e:
+        raise ValueError(f"`{name}` must be array-like of numbers, got {type(x).__name__}.") from e
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(jnp.result_type(float))
+    return x
+
+
+def concrete(x):
+    """A NumPy copy of `x`, or `None` when `x` is being traced."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    return np.asarray(x)
+
+
+def check_finite(x, name: str) -> None:
+    v = concrete(x)
+    if v is not None and not np.all(np.isfinite(v)):
+        raise ValueError(f"`{name}` must be finite, got {v.tolist()}.")
+
+
+def check_positive(x, name: str, what: str = "positive") -> None:
+    v = concrete(x)
+    if v is not None and not np.all(v > 0):
+        raise ValueError(f"`{name}` must be {what}, got {v.tolist()}.")
+
+
+def check_square(x, name: str) -> None:
+    if x.ndim != 2 or x.shape[0] != x.shape[1] or x.shape[0] == 0:
+        raise ValueError(f"`{name}` must be a non-empty square k x k matrix, got shape {x.shape}.")

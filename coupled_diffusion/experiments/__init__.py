@@ -1,0 +1,1 @@
+"""The papers' experiments: functions returning plain data (dicts of arrays)."""

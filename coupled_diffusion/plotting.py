@@ -1,0 +1,66 @@
+"""Matplotlib drawings of the experiments' data dicts (headless, Agg)."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _fig():
+    fig, ax = plt.subplots(figsize=(5.2, 3.8), dpi=120)
+    return fig, ax
+
+
+def plot_figure1(d):
+    fig, ax = _fig()
+    ax.plot(d["g"], d["common_mode"], "-", label="common mode only (eq 66)")
+    ax.plot(d["g"], d["difference_mode"], "--", label="difference mode only (eq 66)")
+    ax.plot(d["g"], d["mixture_theta_pi_3"], ":", label=r"mixture $\theta=\pi/3$ (numerical)")
+    ax.plot(d["g"], d["mixture_theta_2pi_3"], "-.", label=r"mixture $\theta=2\pi/3$ (numerical)")
+    ax.set(xlabel="coupling g", ylabel="speciation time $t_S$", title="Figure 1: speciation vs coupling (symmetric M)")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def plot_figure2(d):
+    fig, ax = _fig()
+    ax.plot(d["g"], d["joint"], "-k", label="joint $t_C$ (eq 73)")
+    ax.plot(d["g"], d["common_mode"], "-", label="common mode $t_{C+}$ (eq 78)")
+    ax.plot(d["g"], d["difference_mode"], "--", label="difference mode $t_{C-}$ (eq 78)")
+    ax.set(xlabel="coupling g", ylabel="collapse time", title=r"Figure 2: collapse vs coupling ($\alpha=1$)")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def plot_figure3(d):
+    fig, ax = _fig()
+    ax.plot(d["g"], d["t_s"], "-")
+    ax.set(xlabel="coupling g", ylabel="speciation time $t_S$",
+           title=r"Figure 3: anisotropic M, $\mu_x = 0$, $m_y^2 = 2$")
+    return fig
+
+
+def plot_figure4(d):
+    fig, ax = _fig()
+    t = np.ma.masked_invalid(d["t_s"])
+    mesh = ax.pcolormesh(d["g"], d["theta"], t, shading="auto", cmap="viridis")
+    fig.colorbar(mesh, ax=ax, label="$t_S$ (white: no speciation)")
+    gc = np.where(np.isfinite(d["g_crit"]) & (d["g_crit"] <= d["g"][-1]), d["g_crit"], np.nan)
+    ax.plot(gc, d["theta"], "b--", label=r"$g_{crit}(\theta)$ from $\kappa(0)=1$ (eq 85)")
+    ax.set(xlabel="coupling g", ylabel=r"angle $\theta$", title="Figure 4: speciation phase diagram")
+    ax.legend(fontsize=7, loc="upper right")
+    return fig
+
+
+def plot_figure5(d):
+    fig, ax = _fig()
+    ax.plot(d["g"], d["joint"], "-", label="joint $t_C$ (eq 86)")
+    ax.plot(d["g"], d["conditional"], "--", label="conditional $t_{C,y|x}$ (eq 87)")
+    ax.set(xlabel="coupling g", ylabel="collapse time", title=r"Figure 5: anisotropic collapse ($\alpha=1$)")
+    ax.legend(fontsize=7)
+    return fig
+
+
+PLOTTERS = {"figure1": plot_figure1, "figure2": plot_figure2, "figure3": plot_figure3,
+            "figure4": plot_figure4, "figure5": plot_figure5}

@@ -1,0 +1,1 @@
+"""Closed-form physics of k coupled Ornstein-Uhlenbeck processes."""

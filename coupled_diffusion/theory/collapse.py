@@ -1,0 +1,225 @@
+r"""Collapse (memorisation) times from the Random Energy Model (eq 31-49, 67-78, 86-89).
+
+**Convention.** $\alpha = \log(n) / D$, where $D$ is the dimension of the system whose
+posterior weights condense: $D = k d$ for the joint system (eq 33 with $k = 2$:
+$\alpha = \log n / (2d)$), and $D = d$ for a single eigenmode (eq 77-78) or for $y$
+given $x$ (eq 87, "the prefactor is twice since the effective dimension is $d$"). With it
+the REM gives, for every M,
+
+- joint: $\alpha = \frac{1}{2k} \log \frac{\det C(t_C)}{\det Q(t_C)}$ (eq 73/86 for $k=2$);
+- conditional: $\alpha = \frac12 \log \frac{C_{y|x}}{Q_{y|x}}$ (eq 87-89);
+- mode: $\alpha = \frac12 \log(1 + \chi_\pm)$, i.e. eq (78) with $n^{1/d} \to e^{2\alpha}$.
+
+The printed eq (77) reads $n^{1/d} = 1 + \chi_\pm$; the per-mode REM with the paper's own
+CGF (eq 119) gives $n^{2/d} = 1 + \chi_\pm$ for $n$ points in a $d$-dimensional mode,
+which is eq (78) with $\alpha = \log n / d$. For one $(n, d)$ use [`alpha_from_n`][] with
+the right $D$: the joint $\alpha$ is half the per-mode one.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optimistix as optx
+
+from .._checks import as_float, concrete
+from .._linalg import det, inv, mm, mT, trace
+from .._results import RESULTS, Solution, finish
+from . import _roots
+from .mixture import TwoClassMixture
+from .moments import _check_same_k, transition
+from .ou import CoupledOU
+from .speciation import _mode_setup
+
+
+def alpha_from_n(n, dim):
+    r"""$\alpha = \log(n) / D$ for $n$ training points in a system of dimension $D$."""
+    return jnp.log(jnp.asarray(n, jnp.result_type(float))) / dim
+
+
+def _SQC(ou, data, t):
+    E, Q = transition(ou.M, ou.sigma_w2, t)
+    S = mm(E * data.variances, mT(E))
+    return S, Q, S + Q
+
+
+def rem_cgf(ou: CoupledOU, data: TwoClassMixture, t, beta):
+    r"""The REM cumulant generating function $\Lambda_t(\beta)$ (eq 34, 68, 119), any M.
+
+    $\Lambda_t(\beta) = -\frac{1}{2k}\log\det(I + \beta Q^{-1} S)
+    - \frac{\beta}{2k}\operatorname{tr}\big((Q + \beta S)^{-1} C\big)$, which is eq (68)
+    for the symmetric $k = 2$ case ($Q^{-1}S$ has eigenvalues $\chi_\pm$, eq 67).
+    Vectorised over `t` and `beta` (broadcast).
+    """
+    _check_same_k(ou, data)
+    k = ou.k
+
+    def one(tt, b):
+        S, Q, C = _SQC(ou, data, tt)
+        eye = jnp.eye(k, dtype=S.dtype)
+        return -jnp.log(det(eye + b * mm(inv(Q), S))) / (2 * k) - b * trace(mm(inv(Q + b * S), C)) / (2 * k)
+
+    dtype = jnp.result_type(ou.M, float)
+    return jnp.vectorize(one)(jnp.asarray(t, dtype), jnp.asarray(beta, dtype))
+
+
+def rem_rate(ou: CoupledOU, data: TwoClassMixture, t, u, *, rtol=None, atol=None):
+    r"""The REM rate function $I_t(u) = \sup_\beta(-u\beta - \Lambda_t(\beta))$ (eq 35).
+
+    The supremum is where $\Lambda_t'(\beta) = -u$; it is found by bisection (optimistix)
+    in $v = \log(\beta - \beta_{min})$, where $\beta_{min} = -1/\lambda_{max}(Q^{-1}S)$ bounds
+    the domain of $\Lambda_t$. Returns $+\infty$ for $u \le 0$ (energies are
+    non-negative). Scalar `t` and `u`; `jax.vmap` for batches.
+    """
+    dtype = jnp.result_type(ou.M, float)
+    t, u = jnp.asarray(t, dtype), jnp.asarray(u, dtype)
+    rtol, atol = _roots.tolerances(dtype, rtol, atol)
+    S, Q, _ = _SQC(ou, data, t)
+    R = _sym_sqrt_inv(Q)
+    chi_max = jnp.max(jnp.linalg.eigvalsh(R @ S @ R))  # largest eigenvalue of Q^-1 S
+    beta_min = -1.0 / jnp.maximum(chi_max, 1e-300)
+    dcgf = jax.grad(lambda b, tt: rem_cgf(ou, data, tt, b))
+
+    def fn(v, a):
+        uu, tt = a
+        return dcgf(beta_min + jnp.exp(v), tt) + uu
+
+    sol = optx.root_find(
+        fn,
+        optx.Bisection(rtol=rtol, atol=atol, expand_if_necessary=True),
+        jnp.log(1.0 - beta_min),
+        args=(u, t),
+        options=dict(lower=jnp.asarray(-30.0, dtype), upper=jnp.asarray(30.0, dtype)),
+        max_steps=512,
+        throw=False,
+    )
+    b = beta_min + jnp.exp(sol.value)
+    val = -u * b - rem_cgf(ou, data, t, b)
+    return jnp.where(u > 0, val, jnp.inf)
+
+
+def _sym_sqrt_inv(Q):
+    lam, V = jnp.linalg.eigh(Q)
+    return (V / jnp.sqrt(lam)) @ V.T
+
+
+def _collapse_lhs(ou, data, t, conditional, target):
+    S, Q, C = _SQC(ou, data, t)
+    if not conditional:
+        return (jnp.log(det(C)) - jnp.log(det(Q))) / (2 * ou.k)
+    return 0.5 * (jnp.log(_schur(C, target)) - jnp.log(_schur(Q, target)))
+
+
+def _schur(A, target):
+    """Conditional variance of block `target` given all the others (eq 88-89)."""
+    k = A.shape[-1]
+    rest = [i for i in range(k) if i != target]
+    a_tt = A[target, target]
+    a_tr = A[target, jnp.array(rest)]
+    A_rr = A[jnp.ix_(jnp.array(rest), jnp.array(rest))]
+    return a_tt - a_tr @ jnp.linalg.solve(A_rr, a_tr)
+
+
+def collapse_time(
+    ou: CoupledOU,
+    data: TwoClassMixture,
+    *,
+    alpha,
+    conditional: bool = False,
+    target: int = -1,
+    t_min=1e-8,
+    t_max=100.0,
+    grid_size: int = 64,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_steps: int = 32,
+    throw: bool = True,
+) -> Solution:
+    r"""The collapse time $t_C$: the largest $t$ where the REM condensation condition holds.
+
+    Joint (default): $\alpha = \frac{1}{2k}\log(\det C/\det Q)$ (eq 73/86), $\alpha = \log n/(kd)$.
+    `conditional=True`: modality `target` (default the last, $y$) given the others,
+    $\alpha = \frac12 \log(C_{y|x}/Q_{y|x})$ (eq 87-89), $\alpha = \log n / d$.
+
+    The condition is bracketed on a logarithmic grid of `grid_size` points over
+    $[t_{min}, t_{max}]$, then solved by bracketed Newton in $\log t$ (optimistix);
+    differentiable in `alpha` and in every parameter of `ou` and `data`.
+
+    **Returns:** a [`Solution`][]; `no_collapse` for $\alpha \le 0$, `collapse_out_of_range`
+    when the condition is not crossed in $[t_{min}, t_{max}]$, `unstable`, `invalid_parameters`.
+    """
+    _check_same_k(ou, data)
+    if conditional and ou.k < 2:
+        raise ValueError("`conditional=True` needs k >= 2 modalities.")
+    target = target % ou.k
+    dtype = jnp.result_type(ou.M, data.gram, float)
+    alpha = as_float(alpha, "alpha").astype(dtype)
+    t_min = as_float(t_min, "t_min").astype(dtype)
+    t_max = as_float(t_max, "t_max").astype(dtype)
+    lo, hi = concrete(t_min), concrete(t_max)
+    if lo is not None and hi is not None and not (0 < lo < hi and jnp.isfinite(hi)):
+        raise ValueError(f"Need 0 < t_min < t_max < inf, got t_min={lo}, t_max={hi}.")
+    rtol, atol = _roots.tolerances(dtype, rtol, atol)
+    logt, result = _collapse_core(ou, data, alpha, t_min, t_max, conditional=conditional, target=target,
+                                  grid_size=grid_size, rtol=rtol, atol=atol, max_steps=max_steps)
+    return finish(jnp.exp(logt), result, throw=throw, what="collapse_time")
+
+
+@eqx.filter_jit
+def _collapse_core(ou, data, alpha, t_min, t_max, *, conditional, target, grid_size, rtol, atol, max_steps):
+
+    def residual(logt, a):
+        ou_, data_, alpha_ = a
+        return _collapse_lhs(ou_, data_, jnp.exp(logt), conditional, target) - alpha_
+
+    u = jnp.linspace(jnp.log(t_min), jnp.log(t_max), grid_size)
+    F = jax.vmap(lambda uu: residual(uu, (ou, data, alpha)))(u)
+    j = _roots.last_crossing(F)
+    jc = jnp.clip(j, 0, grid_size - 2)
+    bracketed = (j >= 0) & (j < grid_size - 1)
+    valid = data.valid() & jnp.all(jnp.isfinite(ou.M)) & (ou.sigma_w2 > 0) & jnp.isfinite(alpha)
+    stable = ou.stable()
+    ok = valid & stable & (alpha > 0) & bracketed & jnp.all(jnp.isfinite(F))
+    logt, optx_result = _roots.bracketed_newton(
+        residual, (ou, data, alpha), u[jc], u[jc + 1], F[jc], F[jc + 1], ok,
+        rtol=rtol, atol=atol, max_steps=max_steps,
+    )
+    result = RESULTS.where(ok, RESULTS.promote(optx_result), RESULTS.collapse_out_of_range)
+    result = RESULTS.where(alpha > 0, result, RESULTS.no_collapse)
+    result = RESULTS.where(stable, result, RESULTS.unstable)
+    result = RESULTS.where(valid, result, RESULTS.invalid_parameters)
+    return logt, result
+
+
+def mode_collapse_times(ou: CoupledOU, data: TwoClassMixture, *, alpha, throw: bool = True):
+    r"""Collapse time of each eigenmode of a symmetric M (eq 77-78), closed form.
+
+    $t_{C,\pm} = \frac{1}{\tau_\pm}\log\big(1 + \frac{\sigma^2}{\sigma_W^2}\frac{\tau_\pm}{e^{2\alpha} - 1}\big)$
+    with $\tau_\pm = -2\lambda_\pm$ and the per-mode $\alpha = \log n / d$ (see the module
+    docstring for why this is eq 78's $n^{1/d}$). Returns a tuple of [`Solution`][]s in
+    [`eigenmodes`][] order (`(tc_plus, tc_minus)` for eq 2).
+    """
+    lam, _, sigma2, decomposable = _mode_setup(ou, data)
+    alpha = as_float(alpha, "alpha").astype(lam.dtype)
+    tau = -2 * lam
+    stable = (tau > 0) & ou.stable()
+    tau_s = jnp.where(stable, tau, 1.0)
+    r = sigma2 / ou.sigma_w2
+    t = jnp.log1p(r * tau_s / jnp.expm1(2 * alpha)) / tau_s
+    out = []
+    for i in range(lam.shape[0]):
+        result = RESULTS.where(alpha > 0, RESULTS.successful, RESULTS.no_collapse)
+        result = RESULTS.where(stable[i], result, RESULTS.unstable)
+        result = RESULTS.where(decomposable, result, RESULTS.not_mode_decomposable)
+        out.append(finish(t[i], result, throw=throw, what=f"mode_collapse_times (mode {i})"))
+    return tuple(out)
+
+
+def collapse_time_bound(ou: CoupledOU, data: TwoClassMixture, *, alpha):
+    r"""Upper bound on the joint collapse time (eq 75): $t_C \le \frac{\sigma^2/\sigma_W^2}{e^{2\alpha} - 1}$.
+
+    From $e^x - 1 \ge x$; exact at $g = 0$. Holds for any stable symmetric M with equal
+    variances and any $k$ (with $\alpha = \log n/(kd)$), and for each mode (eq 78).
+    """
+    _, _, sigma2, _ = _mode_setup(ou, data)
+    alpha = as_float(alpha, "alpha")
+    return jnp.where(alpha > 0, (sigma2 / ou.sigma_w2) / jnp.expm1(2 * alpha), jnp.inf)

@@ -1,0 +1,109 @@
+"""The forward process dZ = M Z dt + sigma_W dW with k coupled modalities (eq 1-4)."""
+
+import equinox as eqx
+import jax.numpy as jnp
+
+from .._checks import as_float, check_finite, check_positive, check_square, concrete
+from .._types import KxK, Scalar, ScalarLike
+
+STRUCTURES = ("general", "symmetric", "anisotropic")
+
+
+class CoupledOU(eqx.Module):
+    r"""A forward Ornstein-Uhlenbeck process $dZ = (M \otimes I_d) Z\,dt + \sigma_W\,dW$.
+
+    **Arguments:**
+
+    - `M`: the $k \times k$ relaxation (drift) matrix; any real matrix, including
+        defective ones such as the anisotropic coupling of eq (3).
+    - `sigma_w2`: the noise variance $\sigma_W^2 > 0$ of every modality.
+    - `structure`: `"general"` (default), or `"symmetric"` / `"anisotropic"` as set by
+        the constructors [`CoupledOU.symmetric`][] and [`CoupledOU.anisotropic`][]. It is
+        static metadata: it enables the eigenmode formulas and the stability check
+        $\beta > |g|$ even when the parameters are traced.
+    """
+
+    M: KxK
+    sigma_w2: Scalar
+    structure: str = eqx.field(static=True, default="general")
+
+    def __init__(self, M, sigma_w2: ScalarLike, *, structure: str = "general"):
+        M = as_float(M, "M")
+        check_square(M, "M")
+        sigma_w2 = as_float(sigma_w2, "sigma_w2")
+        if sigma_w2.ndim != 0:
+            raise ValueError(f"`sigma_w2` must be a scalar, got shape {sigma_w2.shape}.")
+        if structure not in STRUCTURES:
+            raise ValueError(f"`structure` must be one of {STRUCTURES}, got {structure!r}.")
+        check_finite(M, "M")
+        check_finite(sigma_w2, "sigma_w2")
+        check_positive(sigma_w2, "sigma_w2")
+        dtype = jnp.result_type(M, sigma_w2)
+        self.M = M.astype(dtype)
+        self.sigma_w2 = sigma_w2.astype(dtype)
+        self.structure = structure
+
+    @classmethod
+    def symmetric(cls, beta: ScalarLike, g: ScalarLike, sigma_w2: ScalarLike) -> "CoupledOU":
+        r"""Symmetric coupling $M = [[-\beta, g], [g, -\beta]]$ (eq 2); needs $\beta > |g|$."""
+        beta, g = as_float(beta, "beta"), as_float(g, "g")
+        _check_scalars(beta=beta, g=g)
+        b, gg = concrete(beta), concrete(g)
+        if b is not None and gg is not None and not b > abs(gg):
+            raise ValueError(
+                f"The symmetric M of eq (2) needs beta > |g| for a stable forward "
+                f"process; got beta={float(b)}, g={float(gg)}. Decrease |g| or increase beta."
+            )
+        M = jnp.stack([jnp.stack([-beta, g]), jnp.stack([g, -beta])])
+        return cls(M, sigma_w2, structure="symmetric")
+
+    @classmethod
+    def anisotropic(cls, beta: ScalarLike, g: ScalarLike, sigma_w2: ScalarLike) -> "CoupledOU":
+        r"""One-way coupling $M = [[-\beta, 0], [g, -\beta]]$ (eq 3): X drives Y.
+
+        $M$ is defective (a single eigenvalue $-\beta$ with one eigenvector), so all
+        moments come from the matrix exponential, never from an eigenbasis.
+        """
+        beta, g = as_float(beta, "beta"), as_float(g, "g")
+        _check_scalars(beta=beta, g=g)
+        b = concrete(beta)
+        if b is not None and not b > 0:
+            raise ValueError(f"The anisotropic M of eq (3) needs beta > 0; got beta={float(b)}.")
+        zero = jnp.zeros_like(beta + g)
+        M = jnp.stack([jnp.stack([-beta + zero, zero]), jnp.stack([g + zero, -beta + zero])])
+        return cls(M, sigma_w2, structure="anisotropic")
+
+    @property
+    def k(self) -> int:
+        """The number of modalities."""
+        return self.M.shape[0]
+
+    @property
+    def beta(self) -> Scalar:
+        """$\\beta = -M_{00}$ (meaningful for the structured constructors)."""
+        return -self.M[0, 0]
+
+    @property
+    def g(self) -> Scalar:
+        """The coupling $g$ (`M[1, 0]`; for the symmetric M also `M[0, 1]`)."""
+        if self.k < 2:
+            raise ValueError("`g` is defined only for k >= 2 modalities.")
+        return self.M[1, 0]
+
+    def stable(self):
+        """Traced check that the structured constructors' stability condition holds.
+
+        `True` for a general M: any M defines a valid Gaussian forward process.
+        """
+        if self.structure == "symmetric":
+            return self.beta > jnp.abs(self.M[0, 1])
+        if self.structure == "anisotropic":
+            return self.beta > 0
+        return jnp.asarray(True)
+
+
+def _check_scalars(**kw) -> None:
+    for name, v in kw.items():
+        if v.ndim != 0:
+            raise ValueError(f"`{name}` must be a scalar, got shape {v.shape}.")
+        check_finite(v, name)
