@@ -43,6 +43,10 @@ class RESULTS(optx.RESULTS):  # pyright: ignore
         "Unstable forward process: the symmetric M of eq (2) needs beta > |g| and the "
         "anisotropic M of eq (3) needs beta > 0. Decrease |g| or increase beta."
     )
+    grid_too_coarse = (
+        "The bracketing grid step t_max / grid_size is too long for the drift's time scale "
+        "(||M|| t_max / grid_size > 32). Increase `grid_size`."
+    )
     invalid_parameters = (
         "Invalid parameters: a value is non-finite, sigma_W^2 or a variance is not "
         "positive, the Gram matrix is not positive semi-definite, or t_max <= 0."

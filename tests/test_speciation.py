@@ -244,3 +244,10 @@ def test_figure4_no_speciation_region_at_aligned_large_g_only():
     assert np.all(np.isfinite(t[-1]))  # theta = pi: none in the plotted range
     j = np.argmin(np.abs(d["g"] - 1.0))
     assert 0.45 < t[0, j] < 0.75  # "around g = 1.0 tS ... from about 0.6"
+
+
+def test_too_coarse_grid_is_reported_not_silently_wrong():
+    ou = cd.CoupledOU.symmetric(1.0, 0.5, 2.0)
+    data = cd.TwoClassMixture.from_angle(1.0, 1.0, 0.0)
+    with pytest.raises(ValueError, match="grid_size"):
+        cd.speciation_time(ou, data, t_max=5000.0, grid_size=64)

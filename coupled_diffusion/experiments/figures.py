@@ -71,21 +71,25 @@ def figure3(n_g: int = 96) -> dict:
     return {"g": _np(g), "t_s": _np(run(g)), "params": dict(beta=1.0, sigma_w2=2.0, variance=1.0, m_x2=0.0, m_y2=2.0)}
 
 
+@jax.jit
+def phase_grid(g, theta, t_max):
+    """t_S on the product grid theta x g (anisotropic M, m_x^2 = m_y^2 = 1); NaN = no speciation."""
+
+    def one(gg, th):
+        data = TwoClassMixture.from_angle(1.0, 1.0, th)
+        return speciation_time(CoupledOU.anisotropic(1.0, gg, 2.0), data, t_max=t_max, throw=False).value
+
+    return jax.vmap(lambda th: jax.vmap(lambda gg: one(gg, th))(g))(theta)
+
+
 def phase_diagram(n_g: int = 128, n_theta: int = 128, *, g_max: float = 2.0, t_max: float = 10.0) -> dict:
     """t_S(g, theta), anisotropic M, m_x^2=m_y^2=1 (Figure 4), with g_crit(theta) (eq 85)."""
     g = jnp.linspace(0.0, g_max, n_g)
     theta = jnp.linspace(0.0, np.pi, n_theta)
+    t_max = jnp.asarray(t_max, g.dtype)
 
-    @jax.jit
-    def run(g, theta):
-        def one(gg, th):
-            data = TwoClassMixture.from_angle(1.0, 1.0, th)
-            return speciation_time(CoupledOU.anisotropic(1.0, gg, 2.0), data, t_max=t_max, throw=False).value
-
-        return jax.vmap(lambda th: jax.vmap(lambda gg: one(gg, th))(g))(theta)
-
-    return {"g": _np(g), "theta": _np(theta), "t_s": _np(run(g, theta)), "g_crit": _np(g_crit(theta)),
-            "params": dict(beta=1.0, sigma_w2=2.0, variance=1.0, m_x2=1.0, m_y2=1.0, t_max=t_max)}
+    return {"g": _np(g), "theta": _np(theta), "t_s": _np(phase_grid(g, theta, t_max)), "g_crit": _np(g_crit(theta)),
+            "params": dict(beta=1.0, sigma_w2=2.0, variance=1.0, m_x2=1.0, m_y2=1.0, t_max=float(t_max))}
 
 
 def figure5(n_g: int = 96, alpha: float = 1.0) -> dict:

@@ -75,13 +75,15 @@ def _van_loan_block(M, sigma_w2, tau):
     return E, F[:k, k:] @ E.T
 
 
-def transition(M: KxK, sigma_w2, t, *, method: str = "series") -> tuple[KxK, KxK]:
+def transition(M: KxK, sigma_w2, t, *, method: str = "series", max_doublings: int = _MAX_DOUBLINGS) -> tuple[KxK, KxK]:
     r"""$(E(t), Q(t))$ for the drift $M$ and noise variance $\sigma_W^2$ at a scalar time $t \geq 0$.
 
     **Arguments:**
 
     - `M`, `sigma_w2`, `t`: the drift matrix, noise variance and time.
     - `method`: `"series"` (default) or `"van_loan"`; see the module docstring.
+    - `max_doublings`: static cap on the doublings, so $\|M\| t \le 2^{max\_doublings - 1}$
+        is handled exactly (default 24); a smaller cap is cheaper for short steps.
     """
     if method not in ("series", "van_loan"):
         raise ValueError(f"`method` must be 'series' or 'van_loan', got {method!r}.")
@@ -89,7 +91,7 @@ def transition(M: KxK, sigma_w2, t, *, method: str = "series") -> tuple[KxK, KxK
     M = M.astype(dtype)
     t = jnp.asarray(t, dtype)
     size = jax.lax.stop_gradient(jnp.abs(t) * jnp.max(jnp.sum(jnp.abs(M), axis=-1)))
-    s = jnp.clip(jnp.ceil(jnp.log2(jnp.maximum(size, 1e-30) / _TARGET_NORM)), 0, _MAX_DOUBLINGS)
+    s = jnp.clip(jnp.ceil(jnp.log2(jnp.maximum(size, 1e-30) / _TARGET_NORM)), 0, max_doublings)
     tau = t * jnp.exp2(-s)
     if method == "series":
         E, Q = series_transition(M, sigma_w2, tau)
@@ -102,7 +104,7 @@ def transition(M: KxK, sigma_w2, t, *, method: str = "series") -> tuple[KxK, KxK
         active = j < s
         return (jnp.where(active, E2, E), jnp.where(active, Q2, Q)), None
 
-    (E, Q), _ = jax.lax.scan(double, (E, Q), jnp.arange(_MAX_DOUBLINGS))
+    (E, Q), _ = jax.lax.scan(double, (E, Q), jnp.arange(max_doublings))
     return E, Q
 
 

@@ -26,6 +26,8 @@ from .moments import _check_same_k, step_transition, transition
 from .ou import CoupledOU
 from .stability import reverse_drift_matrix
 
+_STEP_DOUBLINGS = 6  # residual steps are at most one grid step long
+
 
 def _kappa_and_confinement(ou: CoupledOU, data: TwoClassMixture, E, Q):
     S = mm(E * data.variances, mT(E))
@@ -136,7 +138,7 @@ def _speciation_core(ou, data, t_max, scale, *, grid_size, rtol, atol, max_steps
 
     def residual(h, a):
         ou_, data_, scale_, E0, Q0 = a
-        E_h, Q_h = transition(ou_.M, ou_.sigma_w2, h)
+        E_h, Q_h = transition(ou_.M, ou_.sigma_w2, h, max_doublings=_STEP_DOUBLINGS)
         E, Q = step_transition(E_h, Q_h, E0, Q0)
         return scale_ * _kappa_and_confinement(ou_, data_, E, Q)[0] - 1.0
 
@@ -149,7 +151,9 @@ def _speciation_core(ou, data, t_max, scale, *, grid_size, rtol, atol, max_steps
     )
     stable = ou.stable()
     confining = jnp.all(confs)
-    ok = valid & stable & confining & bracketed
+    # the in-bracket residual uses a short doubling loop: check the step is within its reach
+    fine = dt * jnp.max(jnp.sum(jnp.abs(ou.M), axis=-1)) <= 0.5 * 2.0**_STEP_DOUBLINGS
+    ok = valid & stable & confining & bracketed & fine
     h, optx_result = _roots.bracketed_newton(
         residual,
         (ou, data, scale, Es[jc], Qs[jc]),
@@ -167,6 +171,7 @@ def _speciation_core(ou, data, t_max, scale, *, grid_size, rtol, atol, max_steps
     result = RESULTS.where(j == grid_size, RESULTS.speciation_beyond_t_max, result)
     result = RESULTS.where(j < 0, RESULTS.no_speciation, result)
     result = RESULTS.where(confining, result, RESULTS.non_confining)
+    result = RESULTS.where(fine, result, RESULTS.grid_too_coarse)
     result = RESULTS.where(stable, result, RESULTS.unstable)
     result = RESULTS.where(valid, result, RESULTS.invalid_parameters)
     return value, result
