@@ -75,6 +75,12 @@ def _van_loan_block(M, sigma_w2, tau):
     return E, F[:k, k:] @ E.T
 
 
+def doublings_needed(M: KxK, t):
+    r"""Number $s$ of semigroup doublings that bring $\|M\|_\infty |t| / 2^s$ below the series' reach (no gradient)."""
+    size = jax.lax.stop_gradient(jnp.abs(t) * jnp.max(jnp.sum(jnp.abs(M), axis=-1)))
+    return jnp.ceil(jnp.log2(jnp.maximum(size, 1e-30) / _TARGET_NORM))
+
+
 def transition(M: KxK, sigma_w2, t, *, method: str = "series", max_doublings: int = _MAX_DOUBLINGS) -> tuple[KxK, KxK]:
     r"""$(E(t), Q(t))$ for the drift $M$ and noise variance $\sigma_W^2$ at a scalar time $t \geq 0$.
 
@@ -90,8 +96,7 @@ def transition(M: KxK, sigma_w2, t, *, method: str = "series", max_doublings: in
     dtype = jnp.result_type(M, sigma_w2, t)
     M = M.astype(dtype)
     t = jnp.asarray(t, dtype)
-    size = jax.lax.stop_gradient(jnp.abs(t) * jnp.max(jnp.sum(jnp.abs(M), axis=-1)))
-    s = jnp.clip(jnp.ceil(jnp.log2(jnp.maximum(size, 1e-30) / _TARGET_NORM)), 0, max_doublings)
+    s = jnp.clip(doublings_needed(M, t), 0, max_doublings)
     tau = t * jnp.exp2(-s)
     if method == "series":
         E, Q = series_transition(M, sigma_w2, tau)

@@ -22,7 +22,7 @@ from .._linalg import inv, mm, mT, positive_stable, trace
 from .._results import RESULTS, Solution, finish
 from . import _roots
 from .mixture import TwoClassMixture
-from .moments import _check_same_k, step_transition, transition
+from .moments import _check_same_k, doublings_needed, step_transition, transition
 from .ou import CoupledOU
 from .stability import reverse_drift_matrix
 
@@ -152,7 +152,7 @@ def _speciation_core(ou, data, t_max, scale, *, grid_size, rtol, atol, max_steps
     stable = ou.stable()
     confining = jnp.all(confs)
     # the in-bracket residual uses a short doubling loop: check the step is within its reach
-    fine = dt * jnp.max(jnp.sum(jnp.abs(ou.M), axis=-1)) <= 0.5 * 2.0**_STEP_DOUBLINGS
+    fine = doublings_needed(ou.M, dt) <= _STEP_DOUBLINGS
     ok = valid & stable & confining & bracketed & fine
     h, optx_result = _roots.bracketed_newton(
         residual,
