@@ -1,93 +1,218 @@
 """Small-matrix linear algebra for batched k x k work (k is the number of modalities).
 
-Under `vmap`, XLA's CPU kernels for tiny batched `dot`, `inv` and `solve` are dominated
-by per-matrix overhead (a batched 2 x 2 `inv` costs ~70x the cofactor formula here).
-These helpers express k <= 3 operations elementwise so XLA fuses them, and fall back
-to the general routines for larger k.
+Under `vmap`, a batch of k x k matrices is an array of shape `(N, k, k)`, and XLA's CPU
+kernels for tiny batched `dot`, `inv` and `solve` are dominated by per-matrix overhead
+(a batched 2 x 2 `inv` costs ~70x the cofactor formula), while even elementwise-fused
+products vectorise poorly over the strided `k x k` minor axes.
+
+[`Mat`][] stores a small matrix as its k^2 entries, each an array of the batch shape
+("structure of arrays"). Every operation is then a handful of scalar multiply-adds over
+contiguous batch arrays, which XLA fuses and vectorises: the 64-step kappa scan of the
+speciation solver runs 5x faster this way than on `(N, 2, 2)` arrays. Products and
+cofactor inverses are written out for k <= 4; larger k falls back to the dense
+`jnp.linalg` routines. `Mat` is a PyTree, so it goes through `scan`, `where` (via
+`select`), `jit`, `vmap` and `grad` like an array.
 """
 
+import itertools
+
+import jax
 import jax.numpy as jnp
 
 _SMALL = 4
 
 
-def mm(A, B):
-    """Matrix product `A @ B`, elementwise-fused for small k."""
-    if A.shape[-1] <= _SMALL:
-        return jnp.sum(A[..., :, :, None] * B[..., None, :, :], axis=-2)
-    return A @ B
+@jax.tree_util.register_pytree_node_class
+class Mat:
+    """A small square matrix held entry by entry (see the module docstring)."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self, rows):
+        self.rows = tuple(tuple(r) for r in rows)
+
+    # -- PyTree ----------------------------------------------------------------------
+    def tree_flatten(self):
+        k = len(self.rows)
+        return tuple(itertools.chain.from_iterable(self.rows)), k
+
+    @classmethod
+    def tree_unflatten(cls, k, leaves):
+        leaves = tuple(leaves)
+        return cls(leaves[i * k : (i + 1) * k] for i in range(k))
+
+    # -- conversion ------------------------------------------------------------------
+    @classmethod
+    def of(cls, A) -> "Mat":
+        """From an array of shape `batch + (k, k)`."""
+        A = jnp.asarray(A)
+        k = A.shape[-1]
+        return cls([[A[..., i, j] for j in range(k)] for i in range(k)])
+
+    @classmethod
+    def eye(cls, k: int, like) -> "Mat":
+        one, zero = jnp.ones_like(like), jnp.zeros_like(like)
+        return cls([[one if i == j else zero for j in range(k)] for i in range(k)])
+
+    @classmethod
+    def zeros(cls, k: int, like) -> "Mat":
+        zero = jnp.zeros_like(like)
+        return cls([[zero] * k for _ in range(k)])
+
+    def array(self):
+        """As an array of shape `batch + (k, k)`."""
+        return jnp.stack([jnp.stack(r, -1) for r in self.rows], -2)
+
+    @property
+    def k(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, ij):
+        i, j = ij
+        return self.rows[i][j]
+
+    # -- arithmetic ------------------------------------------------------------------
+    def _map(self, f, other=None):
+        if other is None:
+            return Mat([[f(a) for a in r] for r in self.rows])
+        return Mat([[f(a, b) for a, b in zip(r, s)] for r, s in zip(self.rows, other.rows)])
+
+    def __add__(self, other):
+        return self._map(jnp.add, other)
+
+    def __sub__(self, other):
+        return self._map(jnp.subtract, other)
+
+    def __neg__(self):
+        return self._map(jnp.negative)
+
+    def __mul__(self, c):
+        """Multiplication by a scalar (or an array of the batch shape)."""
+        return self._map(lambda a: a * c)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, c):
+        return self._map(lambda a: a / c)
+
+    def __matmul__(self, other):
+        k = self.k
+        if k > _SMALL:
+            return Mat.of(self.array() @ other.array())
+        B = other.rows
+        return Mat([[_dot(r, [B[l][j] for l in range(k)]) for j in range(k)] for r in self.rows])
+
+    @property
+    def T(self) -> "Mat":
+        return Mat(zip(*self.rows))
+
+    def sym(self) -> "Mat":
+        """$(A + A^T)/2$, written so that the result is exactly symmetric."""
+        k = self.k
+        out = [[None] * k for _ in range(k)]
+        for i in range(k):
+            out[i][i] = self.rows[i][i]
+            for j in range(i + 1, k):
+                out[i][j] = out[j][i] = 0.5 * (self.rows[i][j] + self.rows[j][i])
+        return Mat(out)
+
+    def trace(self):
+        return sum(self.rows[i][i] for i in range(self.k))
+
+    def det(self):
+        k = self.k
+        A = self.rows
+        if k == 1:
+            return A[0][0]
+        if k == 2:
+            return A[0][0] * A[1][1] - A[0][1] * A[1][0]
+        if k <= _SMALL:
+            cof = _cofactors(A)
+            return _dot(A[0], cof[0])
+        return jnp.linalg.det(self.array())
+
+    def inv(self) -> "Mat":
+        """Inverse by the cofactor formula (k <= 4), else `jnp.linalg.inv`."""
+        k = self.k
+        A = self.rows
+        if k == 1:
+            return Mat([[1.0 / A[0][0]]])
+        if k == 2:
+            d = A[0][0] * A[1][1] - A[0][1] * A[1][0]
+            return Mat([[A[1][1] / d, -A[0][1] / d], [-A[1][0] / d, A[0][0] / d]])
+        if k <= _SMALL:
+            cof = _cofactors(A)
+            d = _dot(A[0], cof[0])
+            return Mat([[cof[j][i] / d for j in range(k)] for i in range(k)])
+        return Mat.of(jnp.linalg.inv(self.array()))
+
+    def where(self, pred, other) -> "Mat":
+        """Entrywise `jnp.where(pred, self, other)`."""
+        return self._map(lambda a, b: jnp.where(pred, a, b), other)
 
 
-def mT(A):
-    return jnp.swapaxes(A, -1, -2)
+def _dot(xs, ys):
+    out = xs[0] * ys[0]
+    for x, y in zip(xs[1:], ys[1:]):
+        out = out + x * y
+    return out
 
 
-def det(A):
-    k = A.shape[-1]
-    if k == 1:
-        return A[..., 0, 0]
-    if k == 2:
-        return A[..., 0, 0] * A[..., 1, 1] - A[..., 0, 1] * A[..., 1, 0]
-    if k == 3:
-        return jnp.sum(A[..., 0, :] * _cof3(A)[..., 0, :], axis=-1)
-    return jnp.linalg.det(A)
+def _minor_det(A, rows, cols):
+    if len(rows) == 1:
+        return A[rows[0]][cols[0]]
+    total = None
+    for n, c in enumerate(cols):
+        term = A[rows[0]][c] * _minor_det(A, rows[1:], cols[:n] + cols[n + 1 :])
+        total = term if total is None else (total - term if n % 2 else total + term)
+    return total
 
 
-def _cof3(A):
-    # cofactor matrix of a 3 x 3 matrix (row i, column j)
-    def c(i, j):
-        r = [x for x in range(3) if x != i]
-        s = [x for x in range(3) if x != j]
-        minor = A[..., r[0], s[0]] * A[..., r[1], s[1]] - A[..., r[0], s[1]] * A[..., r[1], s[0]]
-        return (-1) ** (i + j) * minor
-
-    return jnp.stack([jnp.stack([c(i, j) for j in range(3)], -1) for i in range(3)], -2)
+def _cofactors(A):
+    k = len(A)
+    idx = tuple(range(k))
+    return [
+        [(-1) ** (i + j) * _minor_det(A, idx[:i] + idx[i + 1 :], idx[:j] + idx[j + 1 :]) for j in range(k)]
+        for i in range(k)
+    ]
 
 
-def inv(A):
-    """Inverse; cofactor formula for k <= 3."""
-    k = A.shape[-1]
-    if k == 1:
-        return 1.0 / A
-    if k == 2:
-        adj = jnp.stack(
-            [jnp.stack([A[..., 1, 1], -A[..., 0, 1]], -1), jnp.stack([-A[..., 1, 0], A[..., 0, 0]], -1)], -2
-        )
-        return adj / det(A)[..., None, None]
-    if k == 3:
-        return mT(_cof3(A)) / det(A)[..., None, None]
-    return jnp.linalg.inv(A)
+def trace_mm(A: Mat, B: Mat):
+    r"""$\operatorname{tr}(AB)$ without forming the product."""
+    k = A.k
+    return sum(A[i, j] * B[j, i] for i in range(k) for j in range(k))
 
 
-def trace(A):
-    return jnp.trace(A, axis1=-2, axis2=-1)
-
-
-def positive_stable(X):
+def positive_stable(X: Mat):
     """Whether every eigenvalue of the real matrix `X` has a positive real part.
 
     Routh-Hurwitz on the characteristic polynomial of `-X` (coefficients from the
     Faddeev-LeVerrier recursion): no eigen-decomposition, so it works for defective and
     non-normal matrices, under `jit`/`vmap`/`grad`, on every backend.
     """
-    k = X.shape[-1]
+    k = X.k
     A = -X
+    if k == 1:
+        return X[0, 0] > 0
+    if k == 2:
+        return (X.trace() > 0) & (X.det() > 0)
     # characteristic polynomial lambda^k + c_1 lambda^{k-1} + ... + c_k of A
-    eye = jnp.eye(k, dtype=X.dtype)
-    Mk = jnp.zeros_like(A)
-    coeffs = []
-    c = jnp.ones(A.shape[:-2], X.dtype)
+    like = X[0, 0]
+    eye = Mat.eye(k, like)
+    Mk = Mat.zeros(k, like)
+    c = jnp.ones_like(like)
+    a = [c]
     for j in range(1, k + 1):
-        Mk = mm(A, Mk) + c[..., None, None] * eye
-        c = -trace(mm(A, Mk)) / j
-        coeffs.append(c)
-    a = [jnp.ones_like(coeffs[0])] + coeffs  # a_0 = 1, a_1..a_k
+        Mk = A @ Mk + eye * c
+        c = -trace_mm(A, Mk) / j
+        a.append(c)
+
     # Hurwitz matrix H[i, j] = a_{2(j+1) - (i+1)}, zero out of range
     def coef(n):
-        return a[n] if 0 <= n <= k else jnp.zeros_like(a[0])
+        return a[n] if 0 <= n <= k else jnp.zeros_like(like)
 
-    H = jnp.stack([jnp.stack([coef(2 * (j + 1) - (i + 1)) for j in range(k)], -1) for i in range(k)], -2)
-    ok = jnp.ones(A.shape[:-2], bool)
+    ok = jnp.ones(jnp.shape(like), bool)
     for m in range(1, k + 1):
-        ok = ok & (det(H[..., :m, :m]) > 0)
+        H = Mat([[coef(2 * (j + 1) - (i + 1)) for j in range(m)] for i in range(m)])
+        ok = ok & (H.det() > 0)
     return ok

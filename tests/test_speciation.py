@@ -120,7 +120,9 @@ GRAD_CASES = {
     "g_aniso": lambda p: cd.speciation_time(cd.CoupledOU.anisotropic(1.0, p, 2.0), cd.TwoClassMixture.from_angle(1.0, 1.0, 0.5)).value,
     "theta": lambda p: cd.speciation_time(cd.CoupledOU.anisotropic(1.0, 0.8, 2.0), cd.TwoClassMixture.from_angle(1.0, 1.0, p)).value,
     "m2": lambda p: cd.speciation_time(cd.CoupledOU.anisotropic(1.0, 0.8, 2.0), cd.TwoClassMixture.from_angle(p, 1.0, 0.5)).value,
-    "sigma2": lambda p: cd.speciation_time(cd.CoupledOU.symmetric(1.0, 0.3, 2.0), cd.TwoClassMixture.from_angle(1.0, 1.0, 0.5, variances=(p, p))).value,
+    "sigma2": lambda p: cd.speciation_time(
+        cd.CoupledOU.symmetric(1.0, 0.3, 2.0), cd.TwoClassMixture.from_angle(1.0, 1.0, 0.5, variances=(p, p))
+    ).value,
     "sigma_w2": lambda p: cd.speciation_time(cd.CoupledOU.anisotropic(1.0, 0.8, p), cd.TwoClassMixture.from_angle(1.0, 1.0, 0.5)).value,
 }
 GRAD_AT = {"beta": 1.1, "g_sym": 0.3, "g_aniso": 0.8, "theta": 0.5, "m2": 1.2, "sigma2": 0.9, "sigma_w2": 2.0}

@@ -22,11 +22,11 @@ import jax.numpy as jnp
 import optimistix as optx
 
 from .._checks import as_float, concrete
-from .._linalg import det, inv, mm, mT, trace
+from .._linalg import Mat, trace_mm
 from .._results import RESULTS, Solution, finish
 from . import _roots
 from .mixture import TwoClassMixture
-from .moments import _check_same_k, transition
+from .moments import SeriesCoefficients, _check_same_k, covariances
 from .ou import CoupledOU
 from .speciation import _mode_setup
 
@@ -36,10 +36,9 @@ def alpha_from_n(n, dim):
     return jnp.log(jnp.asarray(n, jnp.result_type(float))) / dim
 
 
-def _SQC(ou, data, t):
-    E, Q = transition(ou.M, ou.sigma_w2, t)
-    S = mm(E * data.variances, mT(E))
-    return S, Q, S + Q
+def _SQC(ou, data, t, series=None) -> tuple[Mat, Mat, Mat]:
+    _, Q, S, C = covariances(Mat.of(ou.M), ou.sigma_w2, [data.variances[i] for i in range(data.k)], t, series)
+    return S, Q, C
 
 
 def rem_cgf(ou: CoupledOU, data: TwoClassMixture, t, beta):
@@ -55,8 +54,9 @@ def rem_cgf(ou: CoupledOU, data: TwoClassMixture, t, beta):
 
     def one(tt, b):
         S, Q, C = _SQC(ou, data, tt)
-        eye = jnp.eye(k, dtype=S.dtype)
-        return -jnp.log(det(eye + b * mm(inv(Q), S))) / (2 * k) - b * trace(mm(inv(Q + b * S), C)) / (2 * k)
+        # det(I + b Q^-1 S) = det(Q + b S) / det(Q)
+        QbS = Q + S * b
+        return -(jnp.log(QbS.det()) - jnp.log(Q.det())) / (2 * k) - b * trace_mm(QbS.inv(), C) / (2 * k)
 
     dtype = jnp.result_type(ou.M, float)
     return jnp.vectorize(one)(jnp.asarray(t, dtype), jnp.asarray(beta, dtype))
@@ -73,7 +73,7 @@ def rem_rate(ou: CoupledOU, data: TwoClassMixture, t, u, *, rtol=None, atol=None
     dtype = jnp.result_type(ou.M, float)
     t, u = jnp.asarray(t, dtype), jnp.asarray(u, dtype)
     rtol, atol = _roots.tolerances(dtype, rtol, atol)
-    S, Q, _ = _SQC(ou, data, t)
+    S, Q, _ = (X.array() for X in _SQC(ou, data, t))
     R = _sym_sqrt_inv(Q)
     chi_max = jnp.max(jnp.linalg.eigvalsh(R @ S @ R))  # largest eigenvalue of Q^-1 S
     beta_min = -1.0 / jnp.maximum(chi_max, 1e-300)
@@ -102,21 +102,17 @@ def _sym_sqrt_inv(Q):
     return (V / jnp.sqrt(lam)) @ V.T
 
 
-def _collapse_lhs(ou, data, t, conditional, target):
-    S, Q, C = _SQC(ou, data, t)
+def _collapse_lhs(ou, data, t, conditional, target, series=None):
+    _, Q, C = _SQC(ou, data, t, series)
     if not conditional:
-        return (jnp.log(det(C)) - jnp.log(det(Q))) / (2 * ou.k)
+        return (jnp.log(C.det()) - jnp.log(Q.det())) / (2 * ou.k)
     return 0.5 * (jnp.log(_schur(C, target)) - jnp.log(_schur(Q, target)))
 
 
-def _schur(A, target):
-    """Conditional variance of block `target` given all the others (eq 88-89)."""
-    k = A.shape[-1]
-    rest = [i for i in range(k) if i != target]
-    a_tt = A[target, target]
-    a_tr = A[target, jnp.array(rest)]
-    A_rr = A[jnp.ix_(jnp.array(rest), jnp.array(rest))]
-    return a_tt - a_tr @ jnp.linalg.solve(A_rr, a_tr)
+def _schur(A: Mat, target: int):
+    """Conditional variance of block `target` given all the others (eq 88-89): det A / det A_rest."""
+    rest = [i for i in range(A.k) if i != target]
+    return A.det() / Mat([[A[i, j] for j in rest] for i in rest]).det()
 
 
 def collapse_time(
@@ -168,11 +164,12 @@ def collapse_time(
 def _collapse_core(ou, data, alpha, t_min, t_max, *, conditional, target, grid_size, rtol, atol, max_steps):
 
     def residual(logt, a):
-        ou_, data_, alpha_ = a
-        return _collapse_lhs(ou_, data_, jnp.exp(logt), conditional, target) - alpha_
+        ou_, data_, alpha_, series = a
+        return _collapse_lhs(ou_, data_, jnp.exp(logt), conditional, target, series) - alpha_
 
+    args = (ou, data, alpha, SeriesCoefficients.of(Mat.of(ou.M), ou.sigma_w2))
     u = jnp.linspace(jnp.log(t_min), jnp.log(t_max), grid_size)
-    F = jax.vmap(lambda uu: residual(uu, (ou, data, alpha)))(u)
+    F = jax.vmap(lambda uu: residual(uu, args))(u)
     j = _roots.last_crossing(F)
     jc = jnp.clip(j, 0, grid_size - 2)
     bracketed = (j >= 0) & (j < grid_size - 1)
@@ -180,7 +177,7 @@ def _collapse_core(ou, data, alpha, t_min, t_max, *, conditional, target, grid_s
     stable = ou.stable()
     ok = valid & stable & (alpha > 0) & bracketed & jnp.all(jnp.isfinite(F))
     logt, optx_result = _roots.bracketed_newton(
-        residual, (ou, data, alpha), u[jc], u[jc + 1], F[jc], F[jc + 1], ok,
+        residual, args, u[jc], u[jc + 1], F[jc], F[jc + 1], ok,
         rtol=rtol, atol=atol, max_steps=max_steps,
     )
     result = RESULTS.where(ok, RESULTS.promote(optx_result), RESULTS.collapse_out_of_range)

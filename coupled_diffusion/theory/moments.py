@@ -21,11 +21,13 @@ Two evaluations of the same closed form are offered, both valid for defective M
   time, then the same doublings; kept as an independent cross-check.
 """
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.linalg import expm
 
-from .._linalg import mm, mT
+from .._linalg import Mat
 from .._types import KxK
 from .mixture import TwoClassMixture
 from .ou import CoupledOU
@@ -40,45 +42,109 @@ def _n_terms(dtype) -> int:
     return 18 if jnp.finfo(dtype).bits == 64 else 11
 
 
-def series_transition(M: KxK, sigma_w2, h, n_terms: int | None = None) -> tuple[KxK, KxK]:
-    r"""$(E(h), Q(h))$ by the Taylor series of Van Loan's block exponential.
+class SeriesCoefficients(eqx.Module):
+    r"""Matrix coefficients of $E(\tau) = \sum_n \tau^n A_n$ and $Q(\tau) = \sum_n \tau^{n+1} B_n$.
+
+    $A_n = M^n / n!$ and $B_n = \sigma_W^2 P_n / (n+1)!$ with $P_0 = I$,
+    $P_n = M P_{n-1} + P_{n-1} M^\top$: the Taylor series of Van Loan's block exponential.
+    They depend on $M$ only, so a root-finder that evaluates the transition at many
+    $\tau$ computes them once; each evaluation is then a scalar Horner recursion.
+    Leaves are stacked along a leading axis of length `n_terms + 1`.
+    """
+
+    A: Mat
+    B: Mat
+
+    @classmethod
+    def of(cls, M: Mat, sigma_w2, n_terms: int | None = None) -> "SeriesCoefficients":
+        dtype = jnp.result_type(M[0, 0], sigma_w2)
+        n = _n_terms(dtype) if n_terms is None else n_terms
+        j = np.arange(1, n + 1, dtype=np.float64)
+        eye = Mat.eye(M.k, jnp.zeros_like(M[0, 0] + sigma_w2))
+
+        # a rolled loop keeps the traced program small, which matters for compile time
+        # once this is nested in solvers and their adjoints
+        def term(carry, coeffs):
+            A, P = carry
+            inv_j, inv_fact = coeffs
+            A = (A @ M) * inv_j
+            X = M @ P
+            P = X + X.T  # exactly symmetric
+            return (A, P), (A, P * (sigma_w2 * inv_fact))
+
+        _, (A, B) = jax.lax.scan(term, (eye, eye), (jnp.asarray(1.0 / j, dtype), jnp.asarray(1.0 / np.cumprod(j + 1), dtype)))
+        stack = lambda X0, Xs: jax.tree.map(lambda x0, xs: jnp.concatenate([x0[None], xs]), X0, Xs)
+        return cls(stack(eye, A), stack(eye * sigma_w2, B))
+
+    def __call__(self, tau) -> tuple[Mat, Mat]:
+        """$(E(\tau), Q(\tau))$; accurate to working precision for $\|M\|_\infty |\tau| \le 1/2$."""
+        n = jax.tree.leaves(self.A)[0].shape[0]
+        term = lambda X, i: jax.tree.map(lambda x: x[i], X)
+        E, Q = term(self.A, n - 1), term(self.B, n - 1)
+        for i in range(n - 2, -1, -1):
+            E = term(self.A, i) + E * tau
+            Q = term(self.B, i) + Q * tau
+        return E, Q * tau
+
+
+def series_transition(M: Mat, sigma_w2, h, n_terms: int | None = None) -> tuple[Mat, Mat]:
+    r"""$(E(h), Q(h))$ by the Taylor series of Van Loan's block exponential, as [`Mat`][]s.
 
     Accurate to working precision when $\|M\|_\infty |h| \le 1/2$; the caller ensures it.
     """
-    dtype = jnp.result_type(M, sigma_w2, h)
-    n = _n_terms(dtype) if n_terms is None else n_terms
-    k = M.shape[-1]
-    eye = jnp.broadcast_to(jnp.eye(k, dtype=dtype), M.shape)
-    h = jnp.asarray(h, dtype)[..., None, None]
-    Mh = M * h
-    # Horner: E = I + Mh (I + Mh/2 (I + ...)); Q/h = sum_n h^n P_n/(n+1)!
-    E = eye
-    for j in range(n, 0, -1):
-        E = eye + mm(Mh, E) / j
-    P = eye
-    Qs = eye
-    fact = 1.0
-    for j in range(1, n + 1):
-        P = mm(Mh, P) + mm(P, mT(Mh))
-        fact *= j + 1
-        Qs = Qs + P / fact
-    Q = sigma_w2 * h * Qs
-    return E, 0.5 * (Q + mT(Q))
+    return SeriesCoefficients.of(M, sigma_w2, n_terms)(h)
 
 
-def _van_loan_block(M, sigma_w2, tau):
-    k = M.shape[-1]
-    eye = jnp.eye(k, dtype=M.dtype)
-    H = jnp.block([[M, sigma_w2 * eye], [jnp.zeros_like(M), -M.T]])
+def _van_loan_block(M: Mat, sigma_w2, tau) -> tuple[Mat, Mat]:
+    A = M.array()
+    k = A.shape[-1]
+    eye = jnp.eye(k, dtype=A.dtype)
+    H = jnp.block([[A, sigma_w2 * eye], [jnp.zeros_like(A), -A.T]])
     F = expm(H * tau)
     E = F[:k, :k]
-    return E, F[:k, k:] @ E.T
+    return Mat.of(E), Mat.of(F[:k, k:] @ E.T).sym()
 
 
-def doublings_needed(M: KxK, t):
+def doublings_needed(M: Mat, t):
     r"""Number $s$ of semigroup doublings that bring $\|M\|_\infty |t| / 2^s$ below the series' reach (no gradient)."""
-    size = jax.lax.stop_gradient(jnp.abs(t) * jnp.max(jnp.sum(jnp.abs(M), axis=-1)))
+    row_sums = [sum(jnp.abs(a) for a in r) for r in M.rows]
+    norm = row_sums[0]
+    for r in row_sums[1:]:
+        norm = jnp.maximum(norm, r)
+    size = jax.lax.stop_gradient(jnp.abs(t) * norm)
     return jnp.ceil(jnp.log2(jnp.maximum(size, 1e-30) / _TARGET_NORM))
+
+
+def double(E: Mat, Q: Mat, s, max_doublings: int) -> tuple[Mat, Mat]:
+    r"""$s$ exact semigroup doublings $(E, Q)(\tau) \to (E, Q)(2^s \tau)$, $s \le$ `max_doublings` (static)."""
+
+    def step(carry, j):
+        E, Q = carry
+        E2, Q2 = step_transition(E, Q, E, Q)
+        active = j < s
+        return (E2.where(active, E), Q2.where(active, Q)), None
+
+    if max_doublings > 0:
+        (E, Q), _ = jax.lax.scan(step, (E, Q), jnp.arange(max_doublings))
+    return E, Q
+
+
+def transition_mat(
+    M: Mat, sigma_w2, t, *, method: str = "series", max_doublings: int = _MAX_DOUBLINGS, series: SeriesCoefficients | None = None
+) -> tuple[Mat, Mat]:
+    """[`transition`][] on a [`Mat`][] (the batched fast path used by the solvers).
+
+    `series`: precomputed [`SeriesCoefficients`][] of `(M, sigma_w2)`, for many `t`.
+    """
+    if method not in ("series", "van_loan"):
+        raise ValueError(f"`method` must be 'series' or 'van_loan', got {method!r}.")
+    s = jnp.clip(doublings_needed(M, t), 0, max_doublings)
+    tau = t * jnp.exp2(-s)
+    if method == "series":
+        E, Q = (SeriesCoefficients.of(M, sigma_w2) if series is None else series)(tau)
+    else:
+        E, Q = _van_loan_block(M, sigma_w2, tau)
+    return double(E, Q, s, max_doublings)
 
 
 def transition(M: KxK, sigma_w2, t, *, method: str = "series", max_doublings: int = _MAX_DOUBLINGS) -> tuple[KxK, KxK]:
@@ -91,38 +157,39 @@ def transition(M: KxK, sigma_w2, t, *, method: str = "series", max_doublings: in
     - `max_doublings`: static cap on the doublings, so $\|M\| t \le 2^{max\_doublings - 1}$
         is handled exactly (default 24); a smaller cap is cheaper for short steps.
     """
-    if method not in ("series", "van_loan"):
-        raise ValueError(f"`method` must be 'series' or 'van_loan', got {method!r}.")
     dtype = jnp.result_type(M, sigma_w2, t)
-    M = M.astype(dtype)
+    M = jnp.asarray(M, dtype)
     t = jnp.asarray(t, dtype)
-    s = jnp.clip(doublings_needed(M, t), 0, max_doublings)
-    tau = t * jnp.exp2(-s)
-    if method == "series":
-        E, Q = series_transition(M, sigma_w2, tau)
-    else:
-        E, Q = _van_loan_block(M, sigma_w2, tau)
-
-    def double(carry, j):
-        E, Q = carry
-        E2, Q2 = step_transition(E, Q, E, Q)
-        active = j < s
-        return (jnp.where(active, E2, E), jnp.where(active, Q2, Q)), None
-
-    (E, Q), _ = jax.lax.scan(double, (E, Q), jnp.arange(max_doublings))
-    return E, Q
+    sigma_w2 = jnp.asarray(sigma_w2, dtype)
+    E, Q = transition_mat(Mat.of(M), sigma_w2, t, method=method, max_doublings=max_doublings)
+    return E.array(), Q.array()
 
 
-def step_transition(E_step, Q_step, E, Q):
+def step_transition(E_step: Mat, Q_step: Mat, E: Mat, Q: Mat) -> tuple[Mat, Mat]:
     """Compose a transition (E, Q) with a later step (E_step, Q_step): the OU semigroup."""
-    Q_new = Q_step + mm(mm(E_step, Q), mT(E_step))
-    return mm(E_step, E), 0.5 * (Q_new + mT(Q_new))
+    return E_step @ E, (Q_step + E_step @ Q @ E_step.T).sym()
+
+
+def covariances(M: Mat, sigma_w2, variances, t, series: SeriesCoefficients | None = None) -> tuple[Mat, Mat, Mat, Mat]:
+    """`(E, Q, S, C)` at a scalar time as [`Mat`][]s (`variances`: a sequence of k scalars)."""
+    E, Q = transition_mat(M, sigma_w2, t, series=series)
+    S = scaled_gram(E, variances)
+    return E, Q, S, S + Q
+
+
+def scaled_gram(E: Mat, variances) -> Mat:
+    r"""$E \operatorname{diag}(v) E^\top$."""
+    k = E.k
+    out = [[None] * k for _ in range(k)]
+    for i in range(k):
+        for j in range(i, k):
+            out[i][j] = out[j][i] = sum(E[i, l] * variances[l] * E[j, l] for l in range(k))
+    return Mat(out)
 
 
 def _moments_scalar(M, sigma_w2, variances, t):
-    E, Q = transition(M, sigma_w2, t)
-    S = mm(E * variances, mT(E))
-    return E, Q, S, S + Q
+    mats = covariances(Mat.of(M), sigma_w2, [variances[i] for i in range(M.shape[-1])], t)
+    return tuple(X.array() for X in mats)
 
 
 def moments(ou: CoupledOU, data: TwoClassMixture, t):

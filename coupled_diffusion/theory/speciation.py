@@ -18,24 +18,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._checks import as_float, concrete
-from .._linalg import inv, mm, mT, positive_stable, trace
+from .._linalg import Mat, positive_stable, trace_mm
 from .._results import RESULTS, Solution, finish
 from . import _roots
 from .mixture import TwoClassMixture
-from .moments import _check_same_k, doublings_needed, step_transition, transition
+from .moments import SeriesCoefficients, _check_same_k, double, doublings_needed, scaled_gram, step_transition, transition_mat
 from .ou import CoupledOU
-from .stability import reverse_drift_matrix
 
 _STEP_DOUBLINGS = 6  # residual steps are at most one grid step long
 
 
-def _kappa_and_confinement(ou: CoupledOU, data: TwoClassMixture, E, Q):
-    S = mm(E * data.variances, mT(E))
-    C = S + Q
-    G = mm(mm(E, data.gram), mT(E))
-    A = mm(mm(C, ou.M), C) + ou.sigma_w2 * C
-    kap = ou.sigma_w2 * trace(mm(inv(A), G))
-    return kap, positive_stable(reverse_drift_matrix(ou, C))
+def _kappa_and_confinement(M: Mat, sigma_w2, variances, gram: Mat, E: Mat, Q: Mat):
+    C = scaled_gram(E, variances) + Q
+    G = E @ gram @ E.T
+    A = C @ M @ C + C * sigma_w2
+    kap = sigma_w2 * trace_mm(A.inv(), G)
+    # eq 59: the reverse drift M + sigma_W^2 C^{-1} must be positive stable
+    return kap, positive_stable(M + C.inv() * sigma_w2)
+
+
+def _unpack(ou: CoupledOU, data: TwoClassMixture):
+    """The solver's inputs as [`Mat`][]s / entry lists (the batched fast path)."""
+    return Mat.of(ou.M), ou.sigma_w2, [data.variances[i] for i in range(data.k)], Mat.of(data.gram)
 
 
 def _scale(dim, dtype):
@@ -61,9 +65,11 @@ def kappa(ou: CoupledOU, data: TwoClassMixture, t, *, dim=None):
     _check_same_k(ou, data)
     dtype = jnp.result_type(ou.M, data.gram)
 
+    M, sw2, var, gram = _unpack(ou, data)
+
     def one(tt):
-        E, Q = transition(ou.M, ou.sigma_w2, tt)
-        return _kappa_and_confinement(ou, data, E, Q)[0]
+        E, Q = transition_mat(M, sw2, tt)
+        return _kappa_and_confinement(M, sw2, var, gram, E, Q)[0]
 
     t = jnp.asarray(t, dtype)
     return _scale(dim, dtype) * jnp.vectorize(one)(t)
@@ -121,26 +127,33 @@ def _speciation_core(ou, data, t_max, scale, *, grid_size, rtol, atol, max_steps
     dtype = t_max.dtype
 
     dt = t_max / grid_size
-    E_step, Q_step = transition(ou.M, ou.sigma_w2, dt)
-    k = ou.k
-    eye = jnp.eye(k, dtype=dtype)
+    M, sw2, var, gram = _unpack(ou, data)
+    E_step, Q_step = transition_mat(M, sw2, dt)
+    like = jnp.zeros_like(dt)
 
+    # scan kappa on the grid, keeping the state at the last point with kappa >= 1
     def grid_step(carry, _):
-        E, Q = carry
-        kap, conf = _kappa_and_confinement(ou, data, E, Q)
-        return step_transition(E_step, Q_step, E, Q), (kap, conf, E, Q)
+        E, Q, E_at, Q_at = carry
+        kap, conf = _kappa_and_confinement(M, sw2, var, gram, E, Q)
+        above = scale * kap >= 1.0
+        carry = (*step_transition(E_step, Q_step, E, Q), E.where(above, E_at), Q.where(above, Q_at))
+        return carry, (scale * kap - 1.0, conf)
 
-    _, (kaps, confs, Es, Qs) = jax.lax.scan(grid_step, (eye, jnp.zeros_like(eye)), None, length=grid_size + 1)
-    F = scale * kaps - 1.0
+    eye, zeros = Mat.eye(ou.k, like), Mat.zeros(ou.k, like)
+    (_, _, E_j, Q_j), (F, confs) = jax.lax.scan(grid_step, (eye, zeros, eye, zeros), None, length=grid_size + 1)
     j = _roots.last_crossing(F)
     jc = jnp.clip(j, 0, grid_size - 1)
     bracketed = (j >= 0) & (j < grid_size)
 
+    # in the bracket: (E, Q)(t_j + h) = step(h) o (E, Q)(t_j), with the step's series
+    # coefficients computed once and a fixed number s of doublings (h <= dt)
+    s = jnp.clip(doublings_needed(M, dt), 0, _STEP_DOUBLINGS)
+
     def residual(h, a):
-        ou_, data_, scale_, E0, Q0 = a
-        E_h, Q_h = transition(ou_.M, ou_.sigma_w2, h, max_doublings=_STEP_DOUBLINGS)
+        M_, sw2_, var_, gram_, series, s_, scale_, E0, Q0 = a
+        E_h, Q_h = double(*series(h * jnp.exp2(-s_)), s_, _STEP_DOUBLINGS)
         E, Q = step_transition(E_h, Q_h, E0, Q0)
-        return scale_ * _kappa_and_confinement(ou_, data_, E, Q)[0] - 1.0
+        return scale_ * _kappa_and_confinement(M_, sw2_, var_, gram_, E, Q)[0] - 1.0
 
     valid = (
         data.valid()
@@ -152,11 +165,11 @@ def _speciation_core(ou, data, t_max, scale, *, grid_size, rtol, atol, max_steps
     stable = ou.stable()
     confining = jnp.all(confs)
     # the in-bracket residual uses a short doubling loop: check the step is within its reach
-    fine = doublings_needed(ou.M, dt) <= _STEP_DOUBLINGS
+    fine = doublings_needed(M, dt) <= _STEP_DOUBLINGS
     ok = valid & stable & confining & bracketed & fine
     h, optx_result = _roots.bracketed_newton(
         residual,
-        (ou, data, scale, Es[jc], Qs[jc]),
+        (M, sw2, var, gram, SeriesCoefficients.of(M, sw2), s, scale, E_j, Q_j),
         jnp.zeros((), dtype),
         dt,
         F[jc],

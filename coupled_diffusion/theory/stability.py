@@ -2,7 +2,7 @@ r"""Stability of the forward process and confinement of the reverse drift (eq 59
 
 import jax.numpy as jnp
 
-from .._linalg import inv, positive_stable
+from .._linalg import Mat, positive_stable
 from .mixture import TwoClassMixture
 from .moments import _check_same_k, moments
 from .ou import CoupledOU
@@ -10,7 +10,7 @@ from .ou import CoupledOU
 
 def reverse_drift_matrix(ou: CoupledOU, C):
     r"""$M + \sigma_W^2 C^{-1}$: minus the linear part of the reverse drift (eq 22)."""
-    return ou.M + ou.sigma_w2 * inv(C)
+    return (Mat.of(ou.M) + Mat.of(C).inv() * ou.sigma_w2).array()
 
 
 def is_confining(ou: CoupledOU, data: TwoClassMixture, t):
@@ -21,7 +21,7 @@ def is_confining(ou: CoupledOU, data: TwoClassMixture, t):
     non-symmetric M it is linear stability of the reverse dynamics). Vectorised over `t`.
     """
     _, _, _, C = moments(ou, data, t)
-    return positive_stable(reverse_drift_matrix(ou, C))
+    return positive_stable(Mat.of(reverse_drift_matrix(ou, C)))
 
 
 def satisfies_eq60(ou: CoupledOU, data: TwoClassMixture):
@@ -39,4 +39,4 @@ def satisfies_eq60(ou: CoupledOU, data: TwoClassMixture):
 
 def is_stable(ou: CoupledOU):
     """Whether every eigenvalue of M has a negative real part (Routh-Hurwitz, no eigensolver)."""
-    return positive_stable(-ou.M)
+    return positive_stable(-Mat.of(ou.M))
