@@ -2,6 +2,29 @@
 
 from ._results import RESULTS as RESULTS
 from ._results import Solution as Solution
+from .sampling.cloning import CloneCurve as CloneCurve
+from .sampling.cloning import MemorizationCurve as MemorizationCurve
+from .sampling.cloning import clone_agreement as clone_agreement
+from .sampling.cloning import clone_agreement_theory as clone_agreement_theory
+from .sampling.cloning import memorization_curve as memorization_curve
+from .sampling.cloning import sample_empirical as sample_empirical
+from .sampling.cloning import wilson_interval as wilson_interval
+from .sampling.scores import ConditionalScore as ConditionalScore
+from .sampling.scores import EmpiricalScore as EmpiricalScore
+from .sampling.scores import PopulationScore as PopulationScore
+from .sampling.scores import realise_means as realise_means
+from .sampling.scores import sample_data as sample_data
+from .sampling.scores import sample_marginal as sample_marginal
+from .sampling.sde import GridBrownianPath as GridBrownianPath
+from .sampling.sde import TabulatedBrownianPath as TabulatedBrownianPath
+from .sampling.sde import forward_sde as forward_sde
+from .sampling.sde import probability_flow as probability_flow
+from .sampling.sde import reverse_conditional as reverse_conditional
+from .sampling.sde import reverse_sde as reverse_sde
+from .sampling.sde import unit_increments as unit_increments
+from .schedules import Constant as Constant
+from .schedules import Early as Early
+from .schedules import Late as Late
 from .theory.collapse import (
     alpha_from_n as alpha_from_n,
 )
@@ -21,6 +44,8 @@ from .theory.collapse import (
     rem_rate as rem_rate,
 )
 from .theory.mixture import TwoClassMixture as TwoClassMixture
+from .theory.moments import GridMoments as GridMoments
+from .theory.moments import MomentPath as MomentPath
 from .theory.moments import mean_gram as mean_gram
 from .theory.moments import moments as moments
 from .theory.moments import transition as transition

@@ -12,7 +12,9 @@ def _to_json(d):
 
     out = {}
     for key, val in d.items():
-        if isinstance(val, np.ndarray):
+        if isinstance(val, dict):
+            out[key] = _to_json(val)
+        elif isinstance(val, np.ndarray):
             out[key] = [None if not np.isfinite(x) else float(x) for x in val.ravel()] if val.ndim == 1 else [
                 [None if not np.isfinite(x) else float(x) for x in row] for row in val
             ]
@@ -47,12 +49,54 @@ def cmd_figures(args) -> int:
     return 0
 
 
+def cmd_conditional(args) -> int:
+    import jax
+    import matplotlib.pyplot as plt
+    from tqdm import tqdm
+
+    from .experiments.conditional import conditional_experiment
+    from .plotting import plot_conditional
+
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    bar = tqdm(total=args.n_theta, desc="conditional (theta)", file=sys.stderr)
+
+    def progress(i, n):
+        bar.update(i - bar.n)
+
+    data = conditional_experiment(
+        dim=args.dim, n_steps=args.n_steps, n_trials=args.n_trials, thetas=__import__("numpy").linspace(0, 3.141592653589793, args.n_theta),
+        m2=args.m2, increments=args.increments, key=jax.random.key(args.seed), progress=progress,
+    )
+    bar.close()
+    (out / "conditional.json").write_text(json.dumps(_to_json(data), indent=1))
+    for n, g0 in zip((12, 13, 14), data["params"]["g0s"]):
+        fig = plot_conditional(data, g0)
+        fig.tight_layout()
+        fig.savefig(out / f"figure{n}_g0_{g0}.png")
+        plt.close(fig)
+    print(f"wrote Figures 12-14 (PNG) and conditional.json to {out}/ in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="coupled-diffusion", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("figures", help="write the paper's Figures 1-5 (PNG) and their curves (JSON)")
     p.add_argument("--out", default="figures", help="output directory (default: ./figures)")
     p.set_defaults(func=cmd_figures)
+    p = sub.add_parser("conditional", help="Appendix C: exact conditional-score sampling with coupling schedules (Figures 12-14)")
+    p.add_argument("--out", default="figures", help="output directory (default: ./figures)")
+    p.add_argument("--n-trials", type=int, default=2000, help="Monte Carlo trials per theta (default 2000)")
+    p.add_argument("--n-steps", type=int, default=800, help="Euler-Maruyama steps (default 800)")
+    p.add_argument("--n-theta", type=int, default=13, help="angles in [0, pi] (default 13)")
+    p.add_argument("--dim", type=int, default=32, help="dimension d of each modality (default 32)")
+    p.add_argument("--m2", type=float, default=0.1, help="per-dimension squared mean amplitude m^2 (default 0.1)")
+    p.add_argument("--increments", choices=("gaussian", "rademacher"), default="gaussian",
+                   help="reverse-SDE increments (rademacher: weak order 1, faster)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_conditional)
     args = parser.parse_args(argv)
     return args.func(args)
 

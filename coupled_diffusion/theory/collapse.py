@@ -50,6 +50,7 @@ def rem_cgf(ou: CoupledOU, data: TwoClassMixture, t, beta):
     Vectorised over `t` and `beta` (broadcast).
     """
     _check_same_k(ou, data)
+    ou.require_constant("rem_cgf")
     k = ou.k
 
     def one(tt, b):
@@ -70,6 +71,7 @@ def rem_rate(ou: CoupledOU, data: TwoClassMixture, t, u, *, rtol=None, atol=None
     the domain of $\Lambda_t$. Returns $+\infty$ for $u \le 0$ (energies are
     non-negative). Scalar `t` and `u`; `jax.vmap` for batches.
     """
+    ou.require_constant("rem_rate")
     dtype = jnp.result_type(ou.M, float)
     t, u = jnp.asarray(t, dtype), jnp.asarray(u, dtype)
     rtol, atol = _roots.tolerances(dtype, rtol, atol)
@@ -144,6 +146,7 @@ def collapse_time(
     when the condition is not crossed in $[t_{min}, t_{max}]$, `unstable`, `invalid_parameters`.
     """
     _check_same_k(ou, data)
+    ou.require_constant("collapse_time")
     if conditional and ou.k < 2:
         raise ValueError("`conditional=True` needs k >= 2 modalities.")
     target = target % ou.k

@@ -21,6 +21,7 @@ Two evaluations of the same closed form are offered, both valid for defective M
   time, then the same doublings; kept as an independent cross-check.
 """
 
+import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -193,7 +194,7 @@ def _moments_scalar(M, sigma_w2, variances, t):
 
 
 def moments(ou: CoupledOU, data: TwoClassMixture, t):
-    r"""Closed-form moments at time(s) `t`.
+    r"""Moments at time(s) `t`: closed form for a constant M, ODE solution for M(t).
 
     **Arguments:**
 
@@ -204,9 +205,16 @@ def moments(ou: CoupledOU, data: TwoClassMixture, t):
     **Returns:**
 
     `(E, Q, S, C)`: $e^{Mt}$, $Q(t)$ (eq 9), $S(t)$ (eq 17) and $C(t) = S + Q$, each
-    $k \times k$ per time.
+    $k \times k$ per time. For a time-dependent M, $E(t)$ is the propagator
+    ($dE/dt = M(t) E$) and the rest follow from [`MomentPath`][].
     """
     _check_same_k(ou, data)
+    if ou.time_dependent:
+        t = jnp.asarray(t, jnp.result_type(ou.sigma_w2, t))
+        path = MomentPath.of(ou, jnp.max(t))
+        E, Q = jnp.vectorize(path, signature="()->(k,k),(k,k)")(t)
+        S = E @ (data.variances[:, None] * jnp.swapaxes(E, -1, -2))
+        return E, Q, S, S + Q
     fn = jnp.vectorize(
         lambda tt: _moments_scalar(ou.M, ou.sigma_w2, data.variances, tt),
         signature="()->(k,k),(k,k),(k,k),(k,k)",
@@ -226,3 +234,88 @@ def _check_same_k(ou: CoupledOU, data: TwoClassMixture) -> None:
             f"`ou` has k={ou.k} modalities but `data` has k={data.k}: the Gram matrix and "
             f"variances must be {ou.k} x {ou.k} and ({ou.k},)."
         )
+
+
+class MomentPath(eqx.Module):
+    r"""$(E(t), Q(t))$ at any $t \in [0, t_1]$, for a constant or time-dependent M.
+
+    For a constant M this is the closed form ([`transition`][]). For $M(t)$ the linear
+    ODEs $\dot E = M E$, $\dot Q = M Q + Q M^\top + \sigma_W^2 I$ (SCIENCE.md) are
+    integrated once with diffrax (`Dopri8`, adaptive, with the schedule's declared jump
+    times, e.g. the step of eq 144, as `jump_ts`) and evaluated through its dense
+    7th-order interpolant. Differentiable in the schedule's parameters through
+    diffrax's default `RecursiveCheckpointAdjoint` (discretise-then-optimise: exact
+    gradients of the computed moments, memory logarithmic in the number of steps).
+
+    Call it with a scalar `t`: returns `(E, Q)`, each $k \times k$.
+    """
+
+    ou: CoupledOU
+    solution: diffrax.Solution | None
+
+    @classmethod
+    def of(cls, ou: CoupledOU, t1, *, rtol: float | None = None, atol: float | None = None, max_steps: int = 16384):
+        if not ou.time_dependent:
+            return cls(ou, None)
+        k = ou.k
+        dtype = jnp.result_type(ou.sigma_w2, float)
+        eps = jnp.finfo(dtype).eps
+        rtol = (1e-11 if eps < 1e-10 else 1e-6) if rtol is None else rtol
+        atol = (1e-13 if eps < 1e-10 else 1e-7) if atol is None else atol
+        eye = jnp.eye(k, dtype=dtype)
+
+        def field(t, y, args):
+            E, Q = y
+            M = ou.drift_matrix(t).astype(dtype)
+            MQ = M @ Q
+            return M @ E, MQ + MQ.T + ou.sigma_w2 * eye
+
+        jumps = getattr(ou.M, "jump_ts", None)
+        controller = diffrax.PIDController(rtol=rtol, atol=atol)
+        if jumps is not None:
+            controller = diffrax.ClipStepSizeController(controller, jump_ts=jnp.atleast_1d(jnp.asarray(jumps, dtype)))
+        t1 = jnp.asarray(t1, dtype)
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(field),
+            diffrax.Dopri8(),
+            jnp.zeros((), dtype),
+            jnp.maximum(t1, jnp.finfo(dtype).tiny),
+            None,
+            (eye, jnp.zeros_like(eye)),
+            stepsize_controller=controller,
+            saveat=diffrax.SaveAt(dense=True),
+            max_steps=max_steps,
+        )
+        return cls(ou, sol)
+
+    def __call__(self, t):
+        if self.solution is None:
+            return transition(self.ou.M, self.ou.sigma_w2, t)
+        E, Q = self.solution.evaluate(t)
+        return E, 0.5 * (Q + Q.T)
+
+    def tabulate(self, ts) -> "GridMoments":
+        """$(E, Q)$ at the uniform grid `ts`, computed at once (see [`GridMoments`][])."""
+        ts = jnp.asarray(ts)
+        E, Q = jax.vmap(self)(ts)
+        return GridMoments(ts, E, Q)
+
+
+class GridMoments(eqx.Module):
+    r"""$(E, Q)$ tabulated on a uniform time grid, for fixed-step samplers.
+
+    Calling it at a grid time returns the stored moments (a lookup instead of a matrix
+    exponential per step); at any other time it returns NaN, never a neighbour's value,
+    so a solver that evaluates between grid points cannot silently use wrong moments.
+    """
+
+    ts: jax.Array
+    E: jax.Array
+    Q: jax.Array
+
+    def __call__(self, t):
+        step = self.ts[1] - self.ts[0]
+        i = jnp.clip(jnp.round((t - self.ts[0]) / step).astype(jnp.int32), 0, self.ts.shape[0] - 1)
+        on_grid = jnp.abs(self.ts[i] - t) <= 1e-3 * jnp.abs(step)
+        guard = jnp.where(on_grid, 1.0, jnp.nan).astype(self.E.dtype)
+        return self.E[i] * guard, self.Q[i] * guard

@@ -1,6 +1,13 @@
-"""The forward process dZ = M Z dt + sigma_W dW with k coupled modalities (eq 1-4)."""
+"""The forward process dZ = M Z dt + sigma_W dW with k coupled modalities (eq 1-4).
+
+M is a constant k x k matrix, or a time-dependent M(t) given as a callable (for example
+the symmetric or anisotropic M with a coupling schedule g(t), eq 144).
+"""
+
+from collections.abc import Callable
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 
 from .._checks import as_float, check_finite, check_positive, check_square, concrete
@@ -23,11 +30,22 @@ class CoupledOU(eqx.Module):
         $\beta > |g|$ even when the parameters are traced.
     """
 
-    M: KxK
+    M: KxK | Callable
     sigma_w2: Scalar
     structure: str = eqx.field(static=True, default="general")
 
     def __init__(self, M, sigma_w2: ScalarLike, *, structure: str = "general"):
+        if callable(M):
+            out = jax.eval_shape(M, 0.0)
+            if len(out.shape) != 2 or out.shape[0] != out.shape[1]:
+                raise ValueError(f"A time-dependent `M` must map t to a square k x k matrix, got shape {out.shape}.")
+            sigma_w2 = as_float(sigma_w2, "sigma_w2")
+            if sigma_w2.ndim != 0:
+                raise ValueError(f"`sigma_w2` must be a scalar, got shape {sigma_w2.shape}.")
+            check_finite(sigma_w2, "sigma_w2")
+            check_positive(sigma_w2, "sigma_w2")
+            self.M, self.sigma_w2, self.structure = M, sigma_w2, structure
+            return
         M = as_float(M, "M")
         check_square(M, "M")
         sigma_w2 = as_float(sigma_w2, "sigma_w2")
@@ -45,7 +63,12 @@ class CoupledOU(eqx.Module):
 
     @classmethod
     def symmetric(cls, beta: ScalarLike, g: ScalarLike, sigma_w2: ScalarLike) -> "CoupledOU":
-        r"""Symmetric coupling $M = [[-\beta, g], [g, -\beta]]$ (eq 2); needs $\beta > |g|$."""
+        r"""Symmetric coupling $M = [[-\beta, g], [g, -\beta]]$ (eq 2); needs $\beta > |g|$.
+
+        `g` may be a callable schedule $t \mapsto g(t)$; then $M$ is time-dependent.
+        """
+        if callable(g):
+            return cls(StructuredDrift(as_float(beta, "beta"), g, "symmetric"), sigma_w2, structure="symmetric")
         beta, g = as_float(beta, "beta"), as_float(g, "g")
         _check_scalars(beta=beta, g=g)
         b, gg = concrete(beta), concrete(g)
@@ -62,8 +85,11 @@ class CoupledOU(eqx.Module):
         r"""One-way coupling $M = [[-\beta, 0], [g, -\beta]]$ (eq 3): X drives Y.
 
         $M$ is defective (a single eigenvalue $-\beta$ with one eigenvector), so all
-        moments come from the matrix exponential, never from an eigenbasis.
+        moments come from the matrix exponential, never from an eigenbasis. `g` may be a
+        callable schedule $t \mapsto g(t)$ (eq 141, 144); then $M$ is time-dependent.
         """
+        if callable(g):
+            return cls(StructuredDrift(as_float(beta, "beta"), g, "anisotropic"), sigma_w2, structure="anisotropic")
         beta, g = as_float(beta, "beta"), as_float(g, "g")
         _check_scalars(beta=beta, g=g)
         b = concrete(beta)
@@ -74,27 +100,56 @@ class CoupledOU(eqx.Module):
         return cls(M, sigma_w2, structure="anisotropic")
 
     @property
+    def time_dependent(self) -> bool:
+        """Whether $M$ is a callable $M(t)$."""
+        return callable(self.M)
+
+    def drift_matrix(self, t) -> KxK:
+        """$M(t)$ (the constant $M$ when not time-dependent)."""
+        return self.M(t) if self.time_dependent else self.M
+
+    @property
     def k(self) -> int:
         """The number of modalities."""
+        if self.time_dependent:
+            return jax.eval_shape(self.M, 0.0).shape[0]
         return self.M.shape[0]
 
     @property
     def beta(self) -> Scalar:
         """$\\beta = -M_{00}$ (meaningful for the structured constructors)."""
-        return -self.M[0, 0]
+        if isinstance(self.M, StructuredDrift):
+            return self.M.beta
+        return -self.drift_matrix(0.0)[0, 0]
 
     @property
     def g(self) -> Scalar:
-        """The coupling $g$ (`M[1, 0]`; for the symmetric M also `M[0, 1]`)."""
+        """The coupling $g$ (`M[1, 0]`; for the symmetric M also `M[0, 1]`); the schedule if time-dependent."""
         if self.k < 2:
             raise ValueError("`g` is defined only for k >= 2 modalities.")
+        if isinstance(self.M, StructuredDrift):
+            return self.M.g
+        if self.time_dependent:
+            return lambda t: self.M(t)[1, 0]
         return self.M[1, 0]
+
+    def require_constant(self, what: str) -> None:
+        """Raise a clear error where a closed form needs a constant M."""
+        if self.time_dependent:
+            raise ValueError(
+                f"`{what}` needs a constant M (closed-form moments); this CoupledOU has a "
+                f"time-dependent M(t). Use `moments`/`kappa` (ODE moments) or the samplers for schedules."
+            )
 
     def stable(self):
         """Traced check that the structured constructors' stability condition holds.
 
-        `True` for a general M: any M defines a valid Gaussian forward process.
+        `True` for a general M: any M defines a valid Gaussian forward process. For a
+        time-dependent M this checks $\\beta > 0$ only (a schedule's own bounds keep
+        $|g(t)| < \\beta$).
         """
+        if self.time_dependent:
+            return self.beta > 0 if isinstance(self.M, StructuredDrift) else jnp.asarray(True)
         if self.structure == "symmetric":
             return self.beta > jnp.abs(self.M[0, 1])
         if self.structure == "anisotropic":
@@ -107,3 +162,32 @@ def _check_scalars(**kw) -> None:
         if v.ndim != 0:
             raise ValueError(f"`{name}` must be a scalar, got shape {v.shape}.")
         check_finite(v, name)
+
+
+class StructuredDrift(eqx.Module):
+    r"""$M(t) = [[-\beta, g(t)], [g(t), -\beta]]$ (symmetric) or $[[-\beta, 0], [g(t), -\beta]]$ (anisotropic)."""
+
+    beta: Scalar
+    g: Callable
+    structure: str = eqx.field(static=True)
+
+    def __init__(self, beta, g, structure):
+        _check_scalars(beta=beta)
+        b = concrete(beta)
+        if b is not None and not b > 0:
+            raise ValueError(f"`beta` must be > 0, got {float(b)}.")
+        if structure not in ("symmetric", "anisotropic"):
+            raise ValueError(f"`structure` must be 'symmetric' or 'anisotropic', got {structure!r}.")
+        self.beta, self.g, self.structure = beta, g, structure
+
+    def __call__(self, t):
+        g = jnp.asarray(self.g(t))
+        beta = self.beta.astype(jnp.result_type(self.beta, g))
+        zero = jnp.zeros_like(beta + g)
+        upper = g + zero if self.structure == "symmetric" else zero
+        return jnp.stack([jnp.stack([-beta + zero, upper]), jnp.stack([g + zero, -beta + zero])])
+
+    @property
+    def jump_ts(self):
+        """Discontinuities of the schedule, if it declares them (for the ODE solver)."""
+        return getattr(self.g, "jump_ts", None)

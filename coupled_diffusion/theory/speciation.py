@@ -111,6 +111,7 @@ def speciation_time(
     (eq 59 fails on the grid), `unstable` ($\beta \le |g|$), `invalid_parameters`.
     """
     _check_same_k(ou, data)
+    ou.require_constant("speciation_time")
     dtype = jnp.result_type(ou.M, data.gram, float)
     t_max = as_float(t_max, "t_max").astype(dtype)
     tm = concrete(t_max)
@@ -202,6 +203,7 @@ def eigenmodes(ou: CoupledOU):
     $v_- = (1, -1)/\sqrt2$ with $\lambda_- = -\beta - g$ (eq 50-51), whatever the sign of
     $g$. For another symmetric M the order is by decreasing eigenvalue (slowest first).
     """
+    ou.require_constant("eigenmodes")
     if ou.structure == "anisotropic":
         raise ValueError("The anisotropic M of eq (3) is defective: it has no eigenbasis.")
     if ou.structure == "symmetric":

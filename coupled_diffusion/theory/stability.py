@@ -10,6 +10,7 @@ from .ou import CoupledOU
 
 def reverse_drift_matrix(ou: CoupledOU, C):
     r"""$M + \sigma_W^2 C^{-1}$: minus the linear part of the reverse drift (eq 22)."""
+    ou.require_constant("reverse_drift_matrix")
     return (Mat.of(ou.M) + Mat.of(C).inv() * ou.sigma_w2).array()
 
 
@@ -31,6 +32,7 @@ def satisfies_eq60(ou: CoupledOU, data: TwoClassMixture):
     Raises for a non-symmetric M, where eq (60) does not apply (use [`is_confining`][]).
     """
     _check_same_k(ou, data)
+    ou.require_constant("satisfies_eq60")
     if ou.structure == "anisotropic":
         raise ValueError("eq (60) is stated for a symmetric M; use `is_confining` for the anisotropic M.")
     lam_min = jnp.linalg.eigvalsh(ou.M)[0]
@@ -39,4 +41,5 @@ def satisfies_eq60(ou: CoupledOU, data: TwoClassMixture):
 
 def is_stable(ou: CoupledOU):
     """Whether every eigenvalue of M has a negative real part (Routh-Hurwitz, no eigensolver)."""
+    ou.require_constant("is_stable")
     return positive_stable(-Mat.of(ou.M))

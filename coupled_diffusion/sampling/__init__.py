@@ -1,0 +1,1 @@
+"""Exact-score simulation: scores, SDE/ODE samplers, cloning and memorisation."""

@@ -1,0 +1,247 @@
+r"""Cloning (speciation) and memorisation (collapse) experiments with exact scores.
+
+- [`clone_agreement`][]: master reverse trajectories are split at branch times into two
+  clones with independent noise; the fraction of clone pairs that end in the same class
+  rises from 1/2 (branching before speciation, in the noise) to 1 (after it). Biroli
+  et al. (2024) for $k = 1$; any $k$ and any M here.
+- [`memorization_curve`][]: reverse trajectories under the empirical score of $n$
+  training points; the fraction of samples whose largest posterior weight (eq 31)
+  exceeds 1/2, as a function of time, against the REM collapse time.
+"""
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..theory.mixture import TwoClassMixture
+from ..theory.moments import MomentPath
+from ..theory.ou import CoupledOU
+from .scores import EmpiricalScore, PopulationScore, realise_means, sample_marginal
+from .sde import _drift_M, _sde_terms, _solver, reverse_sde
+
+
+def wilson_interval(successes, n, z: float = 1.959963984540054):
+    r"""Wilson score interval for a binomial proportion (95% by default): `(lower, upper)`."""
+    successes = jnp.asarray(successes, jnp.result_type(float))
+    p = successes / n
+    denom = 1 + z**2 / n
+    centre = (p + z**2 / (2 * n)) / denom
+    half = z * jnp.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
+    return centre - half, centre + half
+
+
+class CloneCurve(eqx.Module):
+    """Clone agreement per branch time, with 95% Wilson intervals."""
+
+    t_branch: jax.Array
+    agreement: jax.Array
+    lower: jax.Array
+    upper: jax.Array
+    n_pairs: int = eqx.field(static=True)
+
+    def crossing(self, level: float = 0.75):
+        r"""The branch time where the agreement curve crosses `level` (linear interpolation; NaN if it does not).
+
+        The curve falls from 1 to 1/2 as $t$ grows: this returns the largest $t$ at which it
+        is still $\ge$ `level`, interpolated to the next grid time.
+        """
+        t = np.asarray(self.t_branch)
+        a = np.asarray(self.agreement)
+        order = np.argsort(t)
+        t, a = t[order], a[order]
+        above = np.nonzero(a >= level)[0]
+        if len(above) == 0 or above[-1] == len(t) - 1:
+            return float("nan")
+        j = above[-1]
+        return float(t[j] + (a[j] - level) / (a[j] - a[j + 1]) * (t[j + 1] - t[j]))
+
+
+def clone_agreement_theory(ou: CoupledOU, data: TwoClassMixture, t, *, dim: int, n_nodes: int = 96):
+    r"""The exact clone-agreement curve of the population reverse process.
+
+    With the exact score, a clone started from $z$ at time $t$ ends in class $+$ with the
+    posterior probability $p(z) = \sigma(2u)$, $u = \mu(t)^	op C(t)^{-1} z$, independently
+    of its twin, so two clones agree with probability $p^2 + (1-p)^2$. Under either class
+    $u \sim N(\pm a, a)$ with $a = d \operatorname{tr}(C^{-1} G(t))$, hence
+    $\phi(t) = E_{u \sim N(a, a)}[\sigma(2u)^2 + \sigma(-2u)^2]$, evaluated by
+    Gauss-Hermite quadrature. (A sampled curve also carries the time-discretisation
+    error and the small chance that a final sample sits on the wrong side of the
+    classification hyperplane.) Vectorised over `t`; constant M only.
+    """
+    ou.require_constant("clone_agreement_theory")
+    t = jnp.asarray(t, jnp.result_type(float))
+    path = MomentPath.of(ou, 0.0)
+    x, w = np.polynomial.hermite_e.hermegauss(n_nodes)
+    x, w = jnp.asarray(x, t.dtype), jnp.asarray(w / w.sum(), t.dtype)
+
+    def one(tt):
+        E, Q = path(tt)
+        C = E @ (data.variances[:, None] * E.T) + Q
+        a = dim * jnp.trace(jnp.linalg.solve(C, E @ data.gram @ E.T))
+        u = a + jnp.sqrt(a) * x
+        p = jax.nn.sigmoid(2 * u)
+        return jnp.sum(w * (p**2 + (1 - p) ** 2))
+
+    return jnp.vectorize(one)(t)
+
+
+def _continue(ou, score, z, key, s0, s1, dt, increments, solver, n_max):
+    """Reverse SDE from reverse time `s0` to `s1` in steps of `dt`; `s0` may be traced (one compilation for all)."""
+    dtype = z.dtype
+    sigma = jnp.sqrt(jnp.asarray(ou.sigma_w2, dtype))
+    sw2 = sigma**2
+    t_top = s1  # forward time t = s1 - s, so s = s1 is t = 0
+
+    def drift(s, zz, args):
+        t = t_top - s
+        return -jnp.einsum("ij,...jd->...id", _drift_M(ou, t, dtype), zz) + sw2 * score(t, zz)
+
+    solver = _solver(solver)
+    grid = jnp.stack([jnp.zeros((), dtype), dt])
+    terms = _sde_terms(drift, sigma, z.shape, key, grid, dtype, increments, solver)
+    sol = diffrax.diffeqsolve(
+        terms, solver, s0, s1, dt, z, stepsize_controller=diffrax.ConstantStepSize(),
+        saveat=diffrax.SaveAt(t1=True), max_steps=n_max,
+    )
+    return sol.ys[-1]
+
+
+@eqx.filter_jit
+def _clone_pairs(ou, score, z_b, key, s0, s1, dt, increments, solver, n_max):
+    pair = jnp.stack([z_b, z_b])  # two clones of every master state, one noise draw per step for both
+    return _continue(ou, score, pair, key, s0, s1, dt, increments, solver, n_max)
+
+
+@eqx.filter_jit
+def _master(ou, score, z, key, t_max, t_low, n_steps, save_at, increments):
+    return reverse_sde(ou, score, z, key=key, t_start=t_max, t_end=t_low, n_steps=n_steps, save_at=save_at, increments=increments)
+
+
+def clone_agreement(
+    ou: CoupledOU,
+    data: TwoClassMixture,
+    t_branch,
+    *,
+    dim: int,
+    n_pairs: int,
+    n_steps: int,
+    t_max: float,
+    key,
+    increments: str = "gaussian",
+    means=None,
+    dtype=jnp.float32,
+) -> CloneCurve:
+    r"""Fraction of clone pairs that end in the same class, per branch time (Biroli et al. 2024).
+
+    `n_pairs` master trajectories start from the exact $P_{t_{max}}$ and run the reverse SDE
+    (Euler-Maruyama with the population score, `n_steps` uniform steps over $[0, t_{max}]$)
+    down to each branch time (rounded to the grid); there each is split into two clones
+    that continue to $t = 0$ with independent noise. A clone's class is the sign of its
+    projection on the class-mean direction $\mu(0)$ (all modalities). Works for any $k$,
+    including $k = 1$ (`CoupledOU(M=[[-beta]], ...)`).
+
+    Compare the curve's location with `speciation_time(ou, data, dim=dim)` (the unscaled,
+    finite-$d$ criterion $d\,\kappa = 1$), not the per-dimension one.
+
+    **Returns:** a [`CloneCurve`][] (agreement and 95% Wilson interval per branch time,
+    at the grid-rounded branch times).
+    """
+    t_branch = np.atleast_1d(np.asarray(t_branch, float))
+    if not (isinstance(n_pairs, int) and n_pairs >= 1):
+        raise ValueError(f"`n_pairs` must be a positive integer, got {n_pairs!r}.")
+    if not (isinstance(n_steps, int) and n_steps >= 2):
+        raise ValueError(f"`n_steps` must be an integer >= 2, got {n_steps!r}.")
+    if not t_max > 0:
+        raise ValueError(f"`t_max` must be > 0, got {t_max}.")
+    if np.any(t_branch <= 0) or np.any(t_branch >= t_max):
+        raise ValueError(f"Every `t_branch` must lie in (0, t_max) = (0, {t_max}), got {t_branch.tolist()}.")
+    dt = t_max / n_steps
+    idx = np.clip(np.round(t_branch / dt).astype(int), 1, n_steps - 1)
+    uniq = np.unique(idx)
+    means = realise_means(data, dim) if means is None else jnp.asarray(means)
+    means = means.astype(dtype)
+    score = PopulationScore.of(ou, data, means, t_max=t_max)
+    k_init, k_master, k_clone = jax.random.split(key, 3)
+    z, _ = sample_marginal(k_init, score.path, data, means, t_max, n_pairs)
+    z = z.astype(dtype)
+    low = int(uniq.min())
+    save_at = jnp.asarray(uniq[::-1] * dt, dtype)  # forward times, descending = increasing reverse time
+    saved, _ = _master(ou, score, z, k_master, jnp.asarray(t_max, dtype), jnp.asarray(low * dt, dtype), n_steps - low,
+                       save_at, increments)
+    direction = means
+    agree = {}
+    for j, i_b in enumerate(uniq[::-1]):
+        s_end = jnp.asarray(t_max, dtype)  # reverse time of t = 0
+        s0 = jnp.asarray((n_steps - i_b) * dt, dtype)
+        ends = _clone_pairs(ou, score, saved[j], jax.random.fold_in(k_clone, int(i_b)), s0, s_end,
+                            jnp.asarray(dt, dtype), increments, "euler", n_steps + 1)
+        cls = jnp.sign(jnp.sum(ends * direction, axis=(-2, -1)))
+        agree[int(i_b)] = int(jnp.sum(cls[0] == cls[1]))
+    counts = np.array([agree[int(i)] for i in idx])
+    lo, hi = wilson_interval(counts, n_pairs)
+    return CloneCurve(jnp.asarray(idx * dt), jnp.asarray(counts / n_pairs), lo, hi, n_pairs)
+
+
+class MemorizationCurve(eqx.Module):
+    """Fraction of samples whose largest posterior weight exceeds 1/2, per time."""
+
+    t: jax.Array
+    fraction: jax.Array
+    lower: jax.Array
+    upper: jax.Array
+    n_samples: int = eqx.field(static=True)
+
+    def crossing(self, level: float = 0.5):
+        """The largest time at which the fraction is still >= `level` (linear interpolation; NaN if none)."""
+        return CloneCurve(self.t, self.fraction, self.lower, self.upper, self.n_samples).crossing(level)
+
+
+def sample_empirical(key, path: MomentPath, points, t, n: int):
+    r"""`n` exact draws from $p_t^{(n)}$ (eq 18): a uniformly chosen training point, drifted, plus $N(0, Q(t))$."""
+    E, Q = path(t)
+    k_i, k_z = jax.random.split(key)
+    i = jax.random.randint(k_i, (n,), 0, points.shape[0])
+    noise = jax.random.normal(k_z, (n,) + points.shape[1:], points.dtype)
+    L = jnp.linalg.cholesky(0.5 * (Q + Q.T)).astype(points.dtype)
+    return jnp.einsum("ij,njd->nid", E.astype(points.dtype), points[i]) + jnp.einsum("ij,njd->nid", L, noise)
+
+
+def memorization_curve(
+    ou: CoupledOU,
+    points,
+    t_eval,
+    *,
+    n_samples: int,
+    n_steps: int,
+    t_max: float,
+    key,
+    chunk: int = 2048,
+    increments: str = "gaussian",
+) -> MemorizationCurve:
+    r"""Memorisation under the exact empirical score of `points` (shape `(n, k, d)`).
+
+    `n_samples` trajectories start from the exact $p^{(n)}_{t_{max}}$ and run the reverse
+    SDE (Euler-Maruyama, `n_steps` uniform steps over $[0, t_{max}]$); at each time in
+    `t_eval` (rounded to the grid, > 0) the fraction of samples with
+    $\max_i w_i > 1/2$ (eq 31) is recorded, with a Wilson interval. Compare the
+    curve's crossing of 1/2 with `collapse_time(ou, data, alpha=log(n) / (k d))`.
+    """
+    points = jnp.asarray(points)
+    t_eval = np.atleast_1d(np.asarray(t_eval, float))
+    if np.any(t_eval <= 0) or np.any(t_eval >= t_max):
+        raise ValueError(f"Every `t_eval` must lie in (0, t_max) = (0, {t_max}), got {t_eval.tolist()}.")
+    dt = t_max / n_steps
+    idx = np.unique(np.clip(np.round(t_eval / dt).astype(int), 1, n_steps - 1))
+    score = EmpiricalScore.of(ou, points, chunk=chunk, t_max=t_max)
+    k_init, k_run = jax.random.split(key)
+    z = sample_empirical(k_init, score.path, points, t_max, n_samples)
+    times = jnp.asarray(idx[::-1] * dt, points.dtype)
+    saved, _ = _master(ou, score, z, k_run, jnp.asarray(t_max, points.dtype), jnp.asarray(idx.min() * dt, points.dtype),
+                       n_steps - int(idx.min()), times, increments)
+    frac = jax.lax.map(lambda a: jnp.mean(score.max_weight(a[0], a[1])[0] > 0.5), (times, saved))
+    counts = np.rint(np.asarray(frac) * n_samples)
+    lo, hi = wilson_interval(counts, n_samples)
+    return MemorizationCurve(times[::-1], jnp.asarray(frac)[::-1], lo[::-1], hi[::-1], n_samples)
+
