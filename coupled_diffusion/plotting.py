@@ -83,3 +83,30 @@ def plot_conditional(d, g0):
         ax.legend(fontsize=7)
     fig.suptitle(rf"Appendix C: coupling $g_0 = {g0}$ vs the uncoupled baseline (bars: 2 paired SE)")
     return fig
+
+
+def plot_cloning(d):
+    """Clone agreement vs branch time per dimension, with the exact curve and the kappa-based t_S."""
+    fig, ax = _fig()
+    for i, (dim, c) in enumerate(d["curves"].items()):
+        color = f"C{i}"
+        t = np.asarray(c["t_branch"])
+        a = np.asarray(c["agreement"])
+        ax.errorbar(t, a, yerr=[a - np.asarray(c["lower"]), np.asarray(c["upper"]) - a], fmt="o", ms=3, color=color,
+                    label=f"d = {dim} (sampled)")
+        ax.plot(t, c["theory"], "-", color=color, lw=1)
+        ax.axvline(c["t_s_kappa"], color=color, ls=":", lw=1)
+    ax.set(xlabel="branch time t", ylabel="clone agreement", title=r"Cloning ($k=1$): lines exact, dotted $d\kappa(t_S)=1$")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def plot_memorization(d):
+    fig, ax = _fig()
+    for i, row in enumerate(d["cases"]):
+        ax.semilogx(row["t"], row["fraction"], "-o", ms=2, color=f"C{i}", label=f"d={row['d']}, n={row['n']}")
+        ax.axvline(row["t_collapse"], color=f"C{i}", ls=":", lw=1)
+    ax.axhline(0.5, color="k", lw=0.5)
+    ax.set(xlabel="t", ylabel=r"fraction with $\max_i w_i > 1/2$", title="Memorisation (dotted: REM collapse time)")
+    ax.legend(fontsize=7)
+    return fig

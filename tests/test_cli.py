@@ -19,3 +19,16 @@ def test_figures_command_writes_pngs_and_json(tmp_path):
     common = np.array(f1["common_mode"], float)
     assert abs(f1["g"][int(np.nanargmax(common))] - 0.44) < 0.03
     assert "figure5" in proc.stderr  # progress display
+
+
+def test_exact_score_command_runs_small(tmp_path):
+    out = tmp_path / "es"
+    proc = subprocess.run([sys.executable, "-m", "coupled_diffusion.cli", "exact-score", "--out", str(out), "--dims", "16",
+                           "--n-pairs", "64", "--n-steps", "60", "--quick"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    clo = json.loads((out / "cloning.json").read_text())
+    c = clo["curves"]["16"]
+    assert c["agreement"][0] > 0.9 and abs(c["t_s_kappa"] - 0.5 * np.log(32)) < 1e-6  # d kappa = 2 d e^{-2t} = 1
+    mem = json.loads((out / "memorization.json").read_text())
+    assert [r["n"] for r in mem["cases"]] == [64, 512]
+    assert (out / "cloning.png").exists() and (out / "memorization.png").exists()

@@ -29,7 +29,8 @@ def wilson_interval(successes, n, z: float = 1.959963984540054):
     denom = 1 + z**2 / n
     centre = (p + z**2 / (2 * n)) / denom
     half = z * jnp.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
-    return centre - half, centre + half
+    # the interval contains p exactly; clamp away rounding at p = 0 or 1
+    return jnp.minimum(centre - half, p), jnp.maximum(centre + half, p)
 
 
 class CloneCurve(eqx.Module):
