@@ -279,3 +279,21 @@ def test_bad_inputs_raise_clear_errors():
         reverse_sde(OU, lambda t, z: z, jnp.zeros((2, 2, 3)), key=jax.random.key(0), t_start=1.0, n_steps=4, increments="uniform")
     with pytest.raises(ValueError, match="points"):
         EmpiricalScore.of(OU, jnp.zeros((4, 3, 5)))
+
+
+@pytest.mark.slow
+def test_empirical_score_at_mnist_scale_fits_in_a_few_gib():
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, jax, jax.numpy as jnp, coupled_diffusion as cd\n"
+        "ou = cd.CoupledOU(M=[[-1.0]], sigma_w2=2.0)\n"
+        "pts = jax.random.normal(jax.random.key(0), (100_000, 1, 784), jnp.float32)\n"
+        "s = cd.EmpiricalScore.of(ou, pts, chunk=4096)(0.5, jax.random.normal(jax.random.key(1), (256, 1, 784)))\n"
+        "assert bool(jnp.all(jnp.isfinite(s)))\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout.strip().splitlines()[-1]) < 4.0  # GiB, points included (0.3 GiB)

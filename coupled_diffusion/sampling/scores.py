@@ -97,6 +97,7 @@ class PopulationScore(eqx.Module):
         return cls(MomentPath.of(ou, t_max if t_max is not None else 0.0), means, data.variances)
 
     def _parts(self, t, z):
+        _check_state(z, self.means.shape, "z")
         E, _, C = _EC(self.path, self.variances, t)
         Ci = jnp.linalg.inv(C).astype(z.dtype)
         mu = (E @ self.means).astype(z.dtype)
@@ -121,6 +122,12 @@ def _logcosh(u):
     return jnp.abs(u) + jnp.log1p(jnp.exp(-2 * jnp.abs(u))) - jnp.log(2.0)
 
 
+def _check_state(z, shape, name):
+    if z.shape[-len(shape):] != tuple(shape):
+        raise ValueError(f"`{name}` must have shape (..., {', '.join(map(str, shape))}) (batch, then k modalities of dimension d), "
+                         f"got {z.shape}.")
+
+
 def _check_means(data, means):
     if means.ndim != 2 or means.shape[0] != data.k:
         raise ValueError(f"`means` must have shape (k, d) = ({data.k}, d), got {means.shape}.")
@@ -140,7 +147,16 @@ class EmpiricalScore(eqx.Module):
 
     path: MomentPath
     points: jax.Array
+    chunks: jax.Array
     chunk: int = eqx.field(static=True)
+
+    def __init__(self, path, points, chunk):
+        n = points.shape[0]
+        n_chunks = -(-n // chunk)
+        pad = jnp.zeros((n_chunks * chunk - n,) + points.shape[1:], points.dtype)
+        self.path, self.points, self.chunk = path, points, chunk
+        # padded and split once here, not at every score evaluation
+        self.chunks = jnp.concatenate([points, pad]).reshape((n_chunks, chunk) + points.shape[1:])
 
     @classmethod
     def of(cls, ou: CoupledOU, points, *, chunk: int = 2048, t_max=None) -> "EmpiricalScore":
@@ -155,6 +171,7 @@ class EmpiricalScore(eqx.Module):
 
     def _scan(self, t, z):
         """Online log-sum-exp over the training set: `(score, log Z, max logit, argmax)`."""
+        _check_state(z, self.points.shape[1:], "z")
         E, Q = self.path(t)
         Qi = jnp.linalg.inv(0.5 * (Q + Q.T)).astype(z.dtype)
         E = E.astype(z.dtype)
@@ -162,10 +179,8 @@ class EmpiricalScore(eqx.Module):
         batch = z.shape[:-2]
         flat_a = a.reshape((-1,) + z.shape[-2:])
         n, c = self.points.shape[0], self.chunk
-        n_chunks = -(-n // c)
-        pad = n_chunks * c - n
-        pts = jnp.concatenate([self.points, jnp.zeros((pad,) + self.points.shape[1:], self.points.dtype)])
-        pts = pts.reshape((n_chunks, c) + self.points.shape[1:]).astype(z.dtype)
+        n_chunks = self.chunks.shape[0]
+        pts = self.chunks.astype(z.dtype)
         valid = (jnp.arange(n_chunks * c) < n).reshape(n_chunks, c)
         B = flat_a.shape[0]
 

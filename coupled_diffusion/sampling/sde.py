@@ -29,7 +29,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lineax as lx
+import numpy as np
 
+from .._checks import concrete
 from ..theory.moments import MomentPath
 
 INCREMENTS = ("gaussian", "rademacher")
@@ -160,6 +162,10 @@ def _tabulated(score, times, solver):
 def _grid(t_start, t_end, n_steps, dtype):
     if not (isinstance(n_steps, int) and n_steps >= 1):
         raise ValueError(f"`n_steps` must be a positive integer, got {n_steps!r}.")
+    a, b = concrete(jnp.asarray(t_start)), concrete(jnp.asarray(t_end))
+    if a is not None and b is not None and not (0 <= b < a and np.isfinite(a)):
+        raise ValueError(f"Need 0 <= t_end < t_start < inf (forward times; the sampler runs from t_start down to t_end), "
+                         f"got t_start={float(a)}, t_end={float(b)}.")
     return jnp.linspace(jnp.asarray(0.0, dtype), jnp.asarray(t_start - t_end, dtype), n_steps + 1)
 
 
