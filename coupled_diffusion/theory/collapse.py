@@ -146,11 +146,10 @@ def collapse_time(
     when the condition is not crossed in $[t_{min}, t_{max}]$, `unstable`, `invalid_parameters`.
     """
     _check_same_k(ou, data)
-    ou.require_constant("collapse_time")
     if conditional and ou.k < 2:
         raise ValueError("`conditional=True` needs k >= 2 modalities.")
     target = target % ou.k
-    dtype = jnp.result_type(ou.M, data.gram, float)
+    dtype = jnp.result_type(ou.sigma_w2, data.gram, float)
     alpha = as_float(alpha, "alpha").astype(dtype)
     t_min = as_float(t_min, "t_min").astype(dtype)
     t_max = as_float(t_max, "t_max").astype(dtype)
@@ -158,7 +157,8 @@ def collapse_time(
     if lo is not None and hi is not None and not (0 < lo < hi and jnp.isfinite(hi)):
         raise ValueError(f"Need 0 < t_min < t_max < inf, got t_min={lo}, t_max={hi}.")
     rtol, atol = _roots.tolerances(dtype, rtol, atol)
-    logt, result = _collapse_core(ou, data, alpha, t_min, t_max, conditional=conditional, target=target,
+    core = _collapse_core_td if ou.time_dependent else _collapse_core
+    logt, result = core(ou, data, alpha, t_min, t_max, conditional=conditional, target=target,
                                   grid_size=grid_size, rtol=rtol, atol=atol, max_steps=max_steps)
     return finish(jnp.exp(logt), result, throw=throw, what="collapse_time")
 
@@ -182,6 +182,44 @@ def _collapse_core(ou, data, alpha, t_min, t_max, *, conditional, target, grid_s
     logt, optx_result = _roots.bracketed_newton(
         residual, args, u[jc], u[jc + 1], F[jc], F[jc + 1], ok,
         rtol=rtol, atol=atol, max_steps=max_steps,
+    )
+    result = RESULTS.where(ok, RESULTS.promote(optx_result), RESULTS.collapse_out_of_range)
+    result = RESULTS.where(alpha > 0, result, RESULTS.no_collapse)
+    result = RESULTS.where(stable, result, RESULTS.unstable)
+    result = RESULTS.where(valid, result, RESULTS.invalid_parameters)
+    return logt, result
+
+
+@eqx.filter_jit
+def _collapse_core_td(ou, data, alpha, t_min, t_max, *, conditional, target, grid_size, rtol, atol, max_steps):
+    """Time-dependent M: the collapse condition from the dense ODE moments on a log-t grid."""
+    from .moments import MomentPath
+
+    path = MomentPath.of(ou, t_max)
+
+    def lhs(logt, path_, data_):
+        E, Q = path_(jnp.exp(logt))
+        C = Mat.of(E @ (data_.variances[:, None] * E.T) + Q)
+        Q = Mat.of(Q)
+        if not conditional:
+            return (jnp.log(C.det()) - jnp.log(Q.det())) / (2 * ou.k)
+        return 0.5 * (jnp.log(_schur(C, target)) - jnp.log(_schur(Q, target)))
+
+    def residual(logt, a):
+        path_, data_, alpha_ = a
+        return lhs(logt, path_, data_) - alpha_
+
+    args = (path, data, alpha)
+    u = jnp.linspace(jnp.log(t_min), jnp.log(t_max), grid_size)
+    F = jax.vmap(lambda uu: residual(uu, args))(u)
+    j = _roots.last_crossing(F)
+    jc = jnp.clip(j, 0, grid_size - 2)
+    bracketed = (j >= 0) & (j < grid_size - 1)
+    valid = data.valid() & (ou.sigma_w2 > 0) & jnp.isfinite(alpha)
+    stable = ou.stable()
+    ok = valid & stable & (alpha > 0) & bracketed & jnp.all(jnp.isfinite(F))
+    logt, optx_result = _roots.bracketed_newton(
+        residual, args, u[jc], u[jc + 1], F[jc], F[jc + 1], ok, rtol=rtol, atol=atol, max_steps=max_steps,
     )
     result = RESULTS.where(ok, RESULTS.promote(optx_result), RESULTS.collapse_out_of_range)
     result = RESULTS.where(alpha > 0, result, RESULTS.no_collapse)

@@ -274,7 +274,8 @@ class MomentPath(eqx.Module):
         controller = diffrax.PIDController(rtol=rtol, atol=atol)
         if jumps is not None:
             controller = diffrax.ClipStepSizeController(controller, jump_ts=jnp.atleast_1d(jnp.asarray(jumps, dtype)))
-        t1 = jnp.asarray(t1, dtype)
+        # a hair past t1, so that t1 computed another way (e.g. exp(log t1)) is still inside
+        t1 = jnp.asarray(t1, dtype) * (1 + 64 * eps)
         sol = diffrax.diffeqsolve(
             diffrax.ODETerm(field),
             diffrax.Dopri8(),

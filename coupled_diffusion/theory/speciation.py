@@ -63,6 +63,13 @@ def kappa(ou: CoupledOU, data: TwoClassMixture, t, *, dim=None):
         modality dimension $d$ for the unscaled finite-$d$ $\kappa_d = d\,\kappa$ (eq 61).
     """
     _check_same_k(ou, data)
+    if ou.time_dependent:  # moments from the ODE, M(t) in the reverse drift
+        from .moments import MomentPath
+
+        t = jnp.asarray(t, jnp.result_type(ou.sigma_w2, data.gram, float))
+        path = MomentPath.of(ou, jnp.max(t))
+        kap = jnp.vectorize(lambda tt: _kappa_td(path, ou, data, tt)[0])(t)
+        return _scale(dim, t.dtype) * kap
     dtype = jnp.result_type(ou.M, data.gram)
 
     M, sw2, var, gram = _unpack(ou, data)
@@ -111,15 +118,15 @@ def speciation_time(
     (eq 59 fails on the grid), `unstable` ($\beta \le |g|$), `invalid_parameters`.
     """
     _check_same_k(ou, data)
-    ou.require_constant("speciation_time")
-    dtype = jnp.result_type(ou.M, data.gram, float)
+    dtype = jnp.result_type(ou.sigma_w2, data.gram, float)
     t_max = as_float(t_max, "t_max").astype(dtype)
     tm = concrete(t_max)
     if tm is not None and not (tm.ndim == 0 and tm > 0 and jnp.isfinite(tm)):
         raise ValueError(f"`t_max` must be a finite scalar > 0, got {tm}.")
     scale = _scale(dim, dtype)
     rtol, atol = _roots.tolerances(dtype, rtol, atol)
-    value, result = _speciation_core(ou, data, t_max, scale, grid_size=grid_size, rtol=rtol, atol=atol, max_steps=max_steps)
+    core = _speciation_core_td if ou.time_dependent else _speciation_core
+    value, result = core(ou, data, t_max, scale, grid_size=grid_size, rtol=rtol, atol=atol, max_steps=max_steps)
     return finish(value, result, throw=throw, what="speciation_time")
 
 
@@ -186,6 +193,48 @@ def _speciation_core(ou, data, t_max, scale, *, grid_size, rtol, atol, max_steps
     result = RESULTS.where(j < 0, RESULTS.no_speciation, result)
     result = RESULTS.where(confining, result, RESULTS.non_confining)
     result = RESULTS.where(fine, result, RESULTS.grid_too_coarse)
+    result = RESULTS.where(stable, result, RESULTS.unstable)
+    result = RESULTS.where(valid, result, RESULTS.invalid_parameters)
+    return value, result
+
+
+def _kappa_td(path, ou, data, t):
+    """kappa and the confinement flag at scalar t for a time-dependent M (moments from the ODE path)."""
+    E, Q = path(t)
+    M = Mat.of(ou.drift_matrix(t).astype(E.dtype))
+    var = [data.variances[i] for i in range(data.k)]
+    return _kappa_and_confinement(M, ou.sigma_w2, var, Mat.of(data.gram), Mat.of(E), Mat.of(Q))
+
+
+@eqx.filter_jit
+def _speciation_core_td(ou, data, t_max, scale, *, grid_size, rtol, atol, max_steps):
+    """Time-dependent M: kappa from the dense ODE moments on the grid, then bracketed Newton."""
+    from .moments import MomentPath
+
+    dtype = t_max.dtype
+    path = MomentPath.of(ou, t_max)
+    ts = jnp.linspace(jnp.zeros((), dtype), t_max, grid_size + 1)
+    kaps, confs = jax.vmap(lambda t: _kappa_td(path, ou, data, t))(ts)
+    F = scale * kaps - 1.0
+    j = _roots.last_crossing(F)
+    jc = jnp.clip(j, 0, grid_size - 1)
+    bracketed = (j >= 0) & (j < grid_size)
+
+    def residual(t, a):
+        path_, ou_, data_, scale_ = a
+        return scale_ * _kappa_td(path_, ou_, data_, t)[0] - 1.0
+
+    valid = data.valid() & (ou.sigma_w2 > 0) & (t_max > 0) & jnp.all(jnp.isfinite(F))
+    stable = ou.stable()
+    confining = jnp.all(confs)
+    ok = valid & stable & confining & bracketed
+    value, optx_result = _roots.bracketed_newton(
+        residual, (path, ou, data, scale), ts[jc], ts[jc + 1], F[jc], F[jc + 1], ok, rtol=rtol, atol=atol, max_steps=max_steps
+    )
+    result = RESULTS.where(ok, RESULTS.promote(optx_result), RESULTS.successful)
+    result = RESULTS.where(j == grid_size, RESULTS.speciation_beyond_t_max, result)
+    result = RESULTS.where(j < 0, RESULTS.no_speciation, result)
+    result = RESULTS.where(confining, result, RESULTS.non_confining)
     result = RESULTS.where(stable, result, RESULTS.unstable)
     result = RESULTS.where(valid, result, RESULTS.invalid_parameters)
     return value, result
