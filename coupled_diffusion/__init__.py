@@ -22,9 +22,15 @@ from .sampling.sde import probability_flow as probability_flow
 from .sampling.sde import reverse_conditional as reverse_conditional
 from .sampling.sde import reverse_sde as reverse_sde
 from .sampling.sde import unit_increments as unit_increments
+from .schedules import Bounded as Bounded
 from .schedules import Constant as Constant
 from .schedules import Early as Early
 from .schedules import Late as Late
+from .schedules import MonotoneSpline as MonotoneSpline
+from .schedules import PiecewiseLinear as PiecewiseLinear
+from .schedules import Schedule as Schedule
+from .sweep import Sweep as Sweep
+from .sweep import sweep as sweep
 from .theory.collapse import (
     alpha_from_n as alpha_from_n,
 )
