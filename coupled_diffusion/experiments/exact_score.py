@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..sampling.cloning import clone_agreement, clone_agreement_theory, memorization_curve
+from ..sampling.cloning import clone_agreement, clone_agreement_theory, last_crossing_time, memorization_curve
 from ..sampling.scores import realise_means, sample_data
 from ..theory.collapse import collapse_time
 from ..theory.mixture import TwoClassMixture
@@ -27,16 +27,6 @@ K1 = dict(beta=1.0, sigma_w2=2.0, variance=1.0, m2=1.0)
 
 def _k1():
     return CoupledOU(M=[[-K1["beta"]]], sigma_w2=K1["sigma_w2"]), TwoClassMixture([[K1["m2"]]], [K1["variance"]])
-
-
-def _crossing(t, a, level):
-    order = np.argsort(t)
-    t, a = np.asarray(t)[order], np.asarray(a)[order]
-    above = np.nonzero(a >= level)[0]
-    if len(above) == 0 or above[-1] == len(t) - 1:
-        return float("nan")
-    j = above[-1]
-    return float(t[j] + (a[j] - level) / (a[j] - a[j + 1]) * (t[j + 1] - t[j]))
 
 
 def cloning_vs_dim(
@@ -67,7 +57,7 @@ def cloning_vs_dim(
             "t_branch": np.asarray(c.t_branch), "agreement": np.asarray(c.agreement), "lower": np.asarray(c.lower),
             "upper": np.asarray(c.upper), "theory": phi,
             "crossing_measured": c.crossing(level),
-            "crossing_exact_curve": _crossing(fine, np.asarray(clone_agreement_theory(ou, data, fine, dim=int(d))), level),
+            "crossing_exact_curve": last_crossing_time(fine, np.asarray(clone_agreement_theory(ou, data, fine, dim=int(d))), level),
             "t_s_kappa": float(t_s.value), "half_log_d": 0.5 * float(np.log(d)),
         }
         if progress is not None:

@@ -33,6 +33,19 @@ def wilson_interval(successes, n, z: float = 1.959963984540054):
     return jnp.minimum(centre - half, p), jnp.maximum(centre + half, p)
 
 
+def last_crossing_time(t, values, level: float) -> float:
+    r"""The largest $t$ at which a curve falling with $t$ is still $\ge$ `level`, linearly
+    interpolated to the next grid time; NaN if it never reaches `level` or never leaves it."""
+    t, a = np.asarray(t), np.asarray(values)
+    order = np.argsort(t)
+    t, a = t[order], a[order]
+    above = np.nonzero(a >= level)[0]
+    if len(above) == 0 or above[-1] == len(t) - 1:
+        return float("nan")
+    j = above[-1]
+    return float(t[j] + (a[j] - level) / (a[j] - a[j + 1]) * (t[j + 1] - t[j]))
+
+
 class CloneCurve(eqx.Module):
     """Clone agreement per branch time, with 95% Wilson intervals."""
 
@@ -43,27 +56,15 @@ class CloneCurve(eqx.Module):
     n_pairs: int = eqx.field(static=True)
 
     def crossing(self, level: float = 0.75):
-        r"""The branch time where the agreement curve crosses `level` (linear interpolation; NaN if it does not).
-
-        The curve falls from 1 to 1/2 as $t$ grows: this returns the largest $t$ at which it
-        is still $\ge$ `level`, interpolated to the next grid time.
-        """
-        t = np.asarray(self.t_branch)
-        a = np.asarray(self.agreement)
-        order = np.argsort(t)
-        t, a = t[order], a[order]
-        above = np.nonzero(a >= level)[0]
-        if len(above) == 0 or above[-1] == len(t) - 1:
-            return float("nan")
-        j = above[-1]
-        return float(t[j] + (a[j] - level) / (a[j] - a[j + 1]) * (t[j + 1] - t[j]))
+        r"""The branch time where the agreement curve crosses `level` (see [`last_crossing_time`][])."""
+        return last_crossing_time(self.t_branch, self.agreement, level)
 
 
 def clone_agreement_theory(ou: CoupledOU, data: TwoClassMixture, t, *, dim: int, n_nodes: int = 96):
     r"""The exact clone-agreement curve of the population reverse process.
 
     With the exact score, a clone started from $z$ at time $t$ ends in class $+$ with the
-    posterior probability $p(z) = \sigma(2u)$, $u = \mu(t)^	op C(t)^{-1} z$, independently
+    posterior probability $p(z) = \sigma(2u)$, $u = \mu(t)^\top C(t)^{-1} z$, independently
     of its twin, so two clones agree with probability $p^2 + (1-p)^2$. Under either class
     $u \sim N(\pm a, a)$ with $a = d \operatorname{tr}(C^{-1} G(t))$, hence
     $\phi(t) = E_{u \sim N(a, a)}[\sigma(2u)^2 + \sigma(-2u)^2]$, evaluated by
@@ -196,7 +197,7 @@ class MemorizationCurve(eqx.Module):
 
     def crossing(self, level: float = 0.5):
         """The largest time at which the fraction is still >= `level` (linear interpolation; NaN if none)."""
-        return CloneCurve(self.t, self.fraction, self.lower, self.upper, self.n_samples).crossing(level)
+        return last_crossing_time(self.t, self.fraction, level)
 
 
 def sample_empirical(key, path: MomentPath, points, t, n: int):
