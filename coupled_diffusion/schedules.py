@@ -146,8 +146,10 @@ class PiecewiseLinear(Schedule):
     r"""Linear interpolation of values at fixed `knots` (constant beyond the ends).
 
     Parameters are `raw`: the values themselves, or with `bound=b` the unconstrained
-    $\rho_i$ with $g_i = b \tanh \rho_i$ (so $|g(t)| < b$ everywhere). Build it from the
-    values with [`PiecewiseLinear.from_values`][].
+    $\rho_i$ with $g_i = b \tanh \rho_i$, so $|g(t)| < b$ everywhere (in floating point
+    $\tanh$ saturates to 1 once $|\rho_i| \gtrsim 19$, and the interpolant is clipped so
+    that $|g(t)| \le b$ holds exactly). Build it from the values with
+    [`PiecewiseLinear.from_values`][].
     """
 
     knots: tuple = eqx.field(static=True)
@@ -176,7 +178,9 @@ class PiecewiseLinear(Schedule):
         return self.raw if self.bound is None else self.bound * jnp.tanh(self.raw)
 
     def __call__(self, t):
-        return jnp.interp(jnp.asarray(t, self.raw.dtype), jnp.asarray(self.knots, self.raw.dtype), self.values)
+        g = jnp.interp(jnp.asarray(t, self.raw.dtype), jnp.asarray(self.knots, self.raw.dtype), self.values)
+        # Interpolating between two values equal to +-b can round one ulp past b.
+        return g if self.bound is None else jnp.clip(g, -self.bound, self.bound)
 
 
 class MonotoneSpline(Schedule):
