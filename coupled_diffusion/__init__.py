@@ -2,6 +2,16 @@
 
 from ._results import RESULTS as RESULTS
 from ._results import Solution as Solution
+from .experiments.conditional import ConditionalTrials as ConditionalTrials
+from .experiments.conditional import compare_schedules as compare_schedules
+from .experiments.conditional import trial_metrics as trial_metrics
+from .optimize import OptimizeResult as OptimizeResult
+from .optimize import alignment_objective as alignment_objective
+from .optimize import gap_objective as gap_objective
+from .optimize import optimize_schedule as optimize_schedule
+from .optimize import schedule_mode_speciation_times as schedule_mode_speciation_times
+from .optimize import speciation_objective as speciation_objective
+from .optimize import speciation_with_collapse_objective as speciation_with_collapse_objective
 from .sampling.cloning import CloneCurve as CloneCurve
 from .sampling.cloning import MemorizationCurve as MemorizationCurve
 from .sampling.cloning import clone_agreement as clone_agreement

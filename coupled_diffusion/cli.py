@@ -117,6 +117,41 @@ def cmd_exact_score(args) -> int:
     return 0
 
 
+def cmd_optimize_schedule(args) -> int:
+    import jax
+    import matplotlib.pyplot as plt
+
+    from .experiments.schedule_opt import schedule_experiment
+    from .plotting import plot_schedule_opt
+
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    thetas = [float(x) * 3.141592653589793 for x in args.thetas.split(",")]
+
+    def report(run):
+        b, v, L = run["test"]["baseline"], run["test"]["vs_best"], run["test"]["learned"]
+        print(f"theta = {run['theta']:.4f}: baseline accuracy {b['acc']:.4f} +- {b['se_acc']:.4f}, NLL {b['nll']:.3f}")
+        print(f"  learned - baseline:  d_acc {L['d_acc']:+.4f} +- {L['se_acc']:.4f}   d_nll {L['d_nll']:+.3f} +- {L['se_nll']:.3f}")
+        best = run["test"]["best"]
+        print(f"  {run['best']} - baseline:  d_acc {best['d_acc']:+.4f} +- {best['se_acc']:.4f}   "
+              f"d_nll {best['d_nll']:+.3f} +- {best['se_nll']:.3f}")
+        print(f"  learned - {run['best']}:  d_acc {v['d_acc']:+.4f} +- {v['se_acc']:.4f}   d_nll {v['d_nll']:+.3f} +- {v['se_nll']:.3f}")
+        print(f"  beats best grid schedule: {run['beats_best']}   no harm vs baseline: {run['no_harm']}", flush=True)
+
+    data = schedule_experiment(thetas=thetas, steps=args.steps, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
+                               nll_weight=args.nll_weight, surrogate=args.surrogate, sharpness=args.sharpness, penalty=args.penalty,
+                               learning_rate=args.lr, dim=args.dim, n_steps=args.n_steps,
+                               key=jax.random.key(args.seed), on_theta=report)
+    (out / "optimize_schedule.json").write_text(json.dumps(data, indent=1))
+    fig = plot_schedule_opt(data)
+    fig.tight_layout()
+    fig.savefig(out / "optimize_schedule.png")
+    plt.close(fig)
+    print(f"wrote optimize_schedule.png and optimize_schedule.json to {out}/ in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="coupled-diffusion", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,6 +178,23 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny memorisation run (a smoke test, not a measurement)")
     p.set_defaults(func=cmd_exact_score)
+    p = sub.add_parser("optimize-schedule", help="learn g(t) for Appendix C by gradient; compare with const/late/early on fresh samples")
+    p.add_argument("--out", default="figures", help="output directory (default: ./figures)")
+    p.add_argument("--thetas", default="0.75,0", help="angles as multiples of pi (default 0.75,0)")
+    p.add_argument("--steps", type=int, default=150, help="optimisation steps per angle (default 150)")
+    p.add_argument("--n-train", type=int, default=256, help="fresh trials per optimisation step (default 256)")
+    p.add_argument("--n-val", type=int, default=4000, help="validation trials that pick the best grid schedule (default 4000)")
+    p.add_argument("--n-test", type=int, default=16000, help="held-out test trials for the verdicts (default 16000)")
+    p.add_argument("--nll-weight", type=float, default=0.06, help="weight of the NLL in the objective (default 0.06)")
+    p.add_argument("--surrogate", choices=("soft", "cross_entropy"), default="cross_entropy",
+                   help="smooth accuracy surrogate: mean posterior agreement, or its cross-entropy")
+    p.add_argument("--sharpness", type=float, default=1.0, help="sharpen the surrogate towards the 0/1 accuracy (default 1)")
+    p.add_argument("--penalty", type=float, default=100.0, help="weight of the NLL-budget penalty (default 100)")
+    p.add_argument("--lr", type=float, default=0.1, help="Adam learning rate, cosine-decayed (default 0.1)")
+    p.add_argument("--dim", type=int, default=32, help="dimension d of each modality (default 32)")
+    p.add_argument("--n-steps", type=int, default=800, help="Euler-Maruyama steps (default 800)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_optimize_schedule)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -110,3 +110,33 @@ def plot_memorization(d):
     ax.set(xlabel="t", ylabel=r"fraction with $\max_i w_i > 1/2$", title="Memorisation (dotted: REM collapse time)")
     ax.legend(fontsize=7)
     return fig
+
+
+def plot_schedule_opt(d):
+    """Per angle: the learned g(t), and every schedule's (Delta NLL, Delta accuracy) on the test set."""
+    runs = d["runs"]
+    fig, axes = plt.subplots(len(runs), 2, figsize=(9.5, 3.4 * len(runs)), dpi=120, squeeze=False)
+    for row, run in zip(axes, runs):
+        ax = row[0]
+        ax.plot(run["knots"], run["values"], "o-", color="k", label="learned")
+        ax.axhline(0.0, color="gray", lw=0.5)
+        ax.set(xlabel="t", ylabel="g(t)", title=rf"learned schedule, $\theta$ = {run['theta']:.3f}")
+        ax.legend(fontsize=7)
+        ax = row[1]
+        for name, r in run["validation"].items():
+            if name == "baseline":
+                continue
+            learned = name == "learned"
+            family = name.split("/")[0]
+            color = "k" if learned else {"const": "C0", "late": "C1", "early": "C2"}[family]
+            ax.errorbar(r["d_nll"], r["d_acc"], xerr=2 * r["se_nll"], yerr=2 * r["se_acc"], fmt="*" if learned else "o",
+                        ms=9 if learned else 4, color=color, label=family if (learned or "0.2" in name) else None)
+            if not learned:
+                ax.annotate(name.split("=")[1], (r["d_nll"], r["d_acc"]), fontsize=6, color=color)
+        ax.axhline(0.0, color="gray", lw=0.5)
+        ax.axvline(0.0, color="gray", lw=0.5)
+        ax.set(xlabel=r"$\Delta$ NLL (validation, $\pm 2$ se)", ylabel=r"$\Delta$ accuracy",
+               title=f"best grid: {run['best']}\n(test) beats it: {run['beats_best']}; no harm: {run['no_harm']}")
+        ax.title.set_fontsize(8)
+        ax.legend(fontsize=6)
+    return fig

@@ -50,24 +50,122 @@ def _forward_x(x0, table, beta, sigma_w2, dt):
     return jnp.concatenate([x0[None], xs])
 
 
+class ConditionalTrials(eqx.Module):
+    r"""One batch of Appendix C trials, everything except the coupling schedule.
+
+    Holds the realised means, the forward source paths $X_{0:T}$ on the grid, the unit
+    increments of the reverse $Y$ sampler and the key of the exact initial draw of $Y_T$.
+    Running several schedules on the same trials (common random numbers) makes their
+    differences paired; holding the trials fixed during an optimisation makes the
+    objective a deterministic function of the schedule (sample-average approximation).
+    Draw them with [`ConditionalTrials.draw`][].
+    """
+
+    data: TwoClassMixture
+    means: jax.Array
+    x_path: jax.Array
+    y_noise: jax.Array
+    init_key: jax.Array
+    beta: jax.Array
+    sigma_w2: jax.Array
+    t_max: float = eqx.field(static=True)
+
+    @classmethod
+    def draw(cls, key, theta, *, dim: int = 32, m2: float = 0.1, n_trials: int = 2000, beta: float = 1.0,
+             sigma_w2: float = 2.0, t_max: float = 2.0, n_steps: int = 800, increments: str = "gaussian",
+             dtype=jnp.float32) -> "ConditionalTrials":
+        """`n_trials` trials at mean angle `theta`; the X paths use the exact OU transition (eq 140)."""
+        k_data, k_x, k_y, k_init = jax.random.split(key, 4)
+        data = TwoClassMixture.from_angle(m2, m2, theta)
+        means = realise_means(data, dim).astype(dtype)
+        z0, _ = sample_data(k_data, data, means, n_trials)
+        x_table = unit_increments(k_x, (n_steps, n_trials, dim), dtype)
+        x_path = _forward_x(z0[:, 0].astype(dtype), x_table, beta, sigma_w2, t_max / n_steps)
+        y_noise = unit_increments(k_y, (n_steps, n_trials, dim), dtype, increments)
+        data = TwoClassMixture(data.gram.astype(dtype), data.variances.astype(dtype))
+        return cls(data, means, x_path[:, :, None, :], y_noise, k_init, jnp.asarray(beta, dtype),
+                   jnp.asarray(sigma_w2, dtype), float(t_max))
+
+    @property
+    def n_steps(self) -> int:
+        return self.y_noise.shape[0]
+
+
+def trial_metrics(schedule, trials: ConditionalTrials) -> dict:
+    r"""Per-trial metrics at $t = 0$ of the reverse $Y$ sampler under coupling `schedule` (eq 143-146).
+
+    Returns a dict of arrays of shape `(n_trials,)`: `acc` (1 if $\mathrm{sign}\langle x_0,
+    \mu_x\rangle = \mathrm{sign}\langle y_0, \mu_y\rangle$), `soft_acc` (its smooth
+    counterpart: the posterior probability of $x_0$'s class given $y_0$ under the data
+    model, $\sigma(2 s_x \mu_y^\top y_0 / \sigma_y^2)$, and `margin`, the argument of that
+    sigmoid), `mse` (eq 145) and `nll` (eq 146).
+    Differentiable in the schedule's parameters (the noise is fixed: reparameterisation).
+    """
+    ou = CoupledOU.anisotropic(trials.beta, schedule, trials.sigma_w2)
+    score = ConditionalScore.of(ou, trials.data, trials.means, target=1, t_max=trials.t_max)
+    x_path = trials.x_path
+    y_T = score.sample(trials.init_key, trials.t_max, x_path[-1]).astype(x_path.dtype)
+    y0 = reverse_conditional(ou, score, y_T, x_path, t_start=trials.t_max, n_steps=trials.n_steps, noise=trials.y_noise)
+    x0 = x_path[0]
+    mu_x, mu_y = trials.means[0], trials.means[1]
+    s_x = jnp.sign(x0[:, 0] @ mu_x)
+    margin = 2 * s_x * (y0 @ mu_y) / trials.data.variances[1]
+    return {
+        "acc": (margin > 0).astype(y0.dtype),
+        "soft_acc": jax.nn.sigmoid(margin),
+        "margin": margin,
+        "mse": 0.5 * jnp.sum((y0 - s_x[:, None] * mu_y) ** 2, axis=-1),  # eq (145)
+        "nll": -score.log_prob(0.0, y0, x0),  # eq (146)
+    }
+
+
 @eqx.filter_jit
-def _reverse_y(make_schedule: Callable, g0s, t0, beta, sigma_w2, data, means, x_path, y_noise, init_key, t_max, n_steps: int):
-    """Reverse SDE for Y (eq 143) for a batch of coupling strengths `g0s`; per-trial metrics at t = 0."""
-    x_path = x_path[:, :, None, :]  # (N+1, n, 1, d): the one conditioning modality
+def _reverse_y(make_schedule: Callable, g0s, t0, trials: ConditionalTrials):
+    """Per-trial metrics for a batch of coupling strengths `g0s` (vmapped)."""
+    m = jax.vmap(lambda g0: trial_metrics(make_schedule(g0, t0), trials))(g0s)
+    return m["acc"], m["mse"], m["nll"]
 
-    def one(g0):
-        ou = CoupledOU.anisotropic(beta, make_schedule(g0, t0), sigma_w2)
-        score = ConditionalScore.of(ou, data, means, target=1, t_max=t_max)
-        y_T = score.sample(init_key, t_max, x_path[-1]).astype(x_path.dtype)
-        y0 = reverse_conditional(ou, score, y_T, x_path, t_start=t_max, n_steps=n_steps, noise=y_noise)
-        x0 = x_path[0]
-        s_x = jnp.sign(x0[:, 0] @ means[0])
-        acc = (s_x == jnp.sign(y0 @ means[1])).astype(y0.dtype)
-        mse = 0.5 * jnp.sum((y0 - s_x[:, None] * means[1]) ** 2, axis=-1)  # eq (145)
-        nll = -score.log_prob(0.0, y0, x0)  # eq (146)
-        return acc, mse, nll
 
-    return jax.vmap(one)(g0s)
+def compare_schedules(schedules: dict, trials: ConditionalTrials, *, baseline=None) -> dict:
+    r"""Paired comparison of named schedules with a baseline schedule on the same trials.
+
+    Every schedule runs on `trials` (common random numbers). `baseline` defaults to the
+    uncoupled $g = 0$. **Returns** a dict with `baseline` (means and standard errors of
+    `acc`, `mse`, `nll` under the baseline) and, per name,
+    the mean per-trial differences from the baseline `d_acc`, `d_mse`, `d_nll` with
+    standard errors `se_*` of those paired differences, as floats.
+    """
+    baseline = Constant(jnp.zeros((), trials.means.dtype)) if baseline is None else baseline
+    ref = _metrics(baseline, trials)
+    out = {"baseline": summarise(ref)}
+    for name, schedule in schedules.items():
+        out[name] = paired_difference(_metrics(schedule, trials), ref)
+    return out
+
+
+_trial_metrics_jit = eqx.filter_jit(trial_metrics)
+
+
+def _metrics(schedule, trials):
+    return {m: np.asarray(v, np.float64) for m, v in _trial_metrics_jit(schedule, trials).items()}
+
+
+def summarise(metrics: dict, names=("acc", "mse", "nll")) -> dict:
+    """Means and standard errors (`se_*`) of per-trial metrics."""
+    out = {}
+    for m in names:
+        v = np.asarray(metrics[m], np.float64)
+        out[m], out["se_" + m] = float(v.mean()), float(v.std(ddof=1) / np.sqrt(v.size))
+    return out
+
+
+def paired_difference(a: dict, b: dict, names=("acc", "mse", "nll")) -> dict:
+    """Mean per-trial differences `d_*` of `a` minus `b` (same trials) and their standard errors `se_*`."""
+    out = {}
+    for m in names:
+        diff = np.asarray(a[m], np.float64) - np.asarray(b[m], np.float64)
+        out["d_" + m], out["se_" + m] = float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(diff.size))
+    return out
 
 
 def conditional_experiment(
@@ -103,27 +201,18 @@ def conditional_experiment(
     t0 = 0.5 * t_max if t0 is None else t0
     key = jax.random.key(0) if key is None else key
     dtype = jnp.float32
-    dt = t_max / n_steps
     g_all = jnp.asarray((0.0,) + tuple(g0s), dtype)  # the baseline first
     out = {"theta": thetas, "baseline": {}, "params": dict(dim=dim, beta=beta, sigma_w2=sigma_w2, t_max=t_max, n_steps=n_steps,
                                                            n_trials=n_trials, m2=m2, t0=t0, g0s=list(g0s), increments=increments)}
     rows = {(s, g): {m: [] for m in ("d_acc", "se_acc", "d_mse", "se_mse", "d_nll", "se_nll")} for s in schedules for g in g0s}
     base = {m: [] for m in ("acc", "se_acc", "mse", "se_mse", "nll", "se_nll")}
     for j, theta in enumerate(thetas):
-        kt = jax.random.fold_in(key, j)
-        k_data, k_x, k_y, k_init = jax.random.split(kt, 4)
-        data = TwoClassMixture.from_angle(m2, m2, float(theta))
-        means = realise_means(data, dim).astype(dtype)
-        z0, _ = sample_data(k_data, data, means, n_trials)
-        x_table = unit_increments(k_x, (n_steps, n_trials, dim), dtype)
-        x_path = _forward_x(z0[:, 0].astype(dtype), x_table, beta, sigma_w2, dt)
-        y_noise = unit_increments(k_y, (n_steps, n_trials, dim), dtype, increments)
-        data = TwoClassMixture(data.gram.astype(dtype), data.variances.astype(dtype))
+        trials = ConditionalTrials.draw(jax.random.fold_in(key, j), float(theta), dim=dim, m2=m2, n_trials=n_trials,
+                                        beta=beta, sigma_w2=sigma_w2, t_max=t_max, n_steps=n_steps,
+                                        increments=increments, dtype=dtype)
         first = True
         for name in schedules:
-            acc, mse, nll = _reverse_y(SCHEDULES[name], g_all, jnp.asarray(t0, dtype), jnp.asarray(beta, dtype),
-                                       jnp.asarray(sigma_w2, dtype), data, means, x_path, y_noise, k_init,
-                                       jnp.asarray(t_max, dtype), n_steps)
+            acc, mse, nll = _reverse_y(SCHEDULES[name], g_all, jnp.asarray(t0, dtype), trials)
             acc, mse, nll = (np.asarray(a, np.float64) for a in (acc, mse, nll))
             if first:
                 for m, v in (("acc", acc[0]), ("mse", mse[0]), ("nll", nll[0])):
