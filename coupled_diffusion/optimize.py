@@ -252,6 +252,7 @@ def alignment_objective(
     theta,
     *,
     nll_weight: float = 0.0,
+    mse_weight: float = 0.0,
     surrogate: str = "soft",
     sharpness: float = 1.0,
     nll_budget: float | None = None,
@@ -269,8 +270,8 @@ def alignment_objective(
     sign-agreement accuracy), the loss is $-\bar p$ (`surrogate="soft"`, bounded like the
     accuracy itself) or $\overline{-\log p}$ (`"cross_entropy"`, which also punishes
     confident disagreement and so favours different schedules), plus `nll_weight` times
-    the NLL of eq (146). `sharpness` $a$ replaces $p$ by $\sigma(a \cdot 2 s_x \mu_y^\top
-    y_0/\sigma_y^2)$: as $a$ grows the surrogate approaches the 0/1 accuracy (and its
+    the NLL of eq (146) and `mse_weight` times the MSE of eq (145). `sharpness` $a$
+    replaces $p$ by $\sigma(a \cdot 2 s_x \mu_y^\top y_0/\sigma_y^2)$: as $a$ grows the surrogate approaches the 0/1 accuracy (and its
     gradient concentrates on trials near the decision boundary).
     Gradients flow through the sampler with its noise held fixed (reparameterisation) and
     through the moment ODE of the schedule.
@@ -304,7 +305,7 @@ def alignment_objective(
         fit = -jnp.mean(p) if surrogate == "soft" else -jnp.mean(jax.nn.log_sigmoid(sharpness * m["margin"]))
         nll = jnp.mean(m["nll"])
         aux = {"acc": jnp.mean(m["acc"]), "soft_acc": jnp.mean(m["soft_acc"]), "nll": nll, "mse": jnp.mean(m["mse"])}
-        loss = fit + nll_weight * nll
+        loss = fit + nll_weight * nll + mse_weight * aux["mse"]
         if nll_budget is not None:
             ref = jax.lax.stop_gradient(trial_metrics(Constant(jnp.zeros((), trials.means.dtype)), trials)["nll"])
             aux["d_nll"] = jnp.mean(m["nll"] - ref)  # paired: far less noisy than the NLL itself

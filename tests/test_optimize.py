@@ -63,7 +63,7 @@ def test_speciation_with_collapse_keeps_collapse_within_tolerance():
 
 def test_alignment_objective_gradient_matches_finite_differences():
     kw = dict(dim=8, n_steps=40, m2=0.3, dtype=jnp.float64)
-    obj = cd.alignment_objective(3 * np.pi / 4, nll_weight=0.05, n_trials=64, resample=False, key=jax.random.key(1), **kw)
+    obj = cd.alignment_objective(3 * np.pi / 4, nll_weight=0.05, mse_weight=0.02, n_trials=64, resample=False, key=jax.random.key(1), **kw)
     s = PiecewiseLinear([0.0, 1.0, 2.0], jnp.array([0.4, 0.1, -0.2]))
     loss = jax.jit(lambda raw: obj(PiecewiseLinear([0.0, 1.0, 2.0], raw), None)[0])
     grad = jax.jit(jax.grad(loss))(s.raw)
