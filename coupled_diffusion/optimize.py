@@ -271,8 +271,9 @@ def alignment_objective(
     accuracy itself) or $\overline{-\log p}$ (`"cross_entropy"`, which also punishes
     confident disagreement and so favours different schedules), plus `nll_weight` times
     the NLL of eq (146) and `mse_weight` times the MSE of eq (145). `sharpness` $a$
-    replaces $p$ by $\sigma(a \cdot 2 s_x \mu_y^\top y_0/\sigma_y^2)$: as $a$ grows the surrogate approaches the 0/1 accuracy (and its
-    gradient concentrates on trials near the decision boundary).
+    replaces $p$ by $\sigma(a \cdot 2 s_x \mu_y^\top y_0/\sigma_y^2)$: as $a$ grows the
+    surrogate approaches the 0/1 accuracy (and its gradient concentrates on trials near
+    the decision boundary).
     Gradients flow through the sampler with its noise held fixed (reparameterisation) and
     through the moment ODE of the schedule.
 
