@@ -5,6 +5,8 @@ from ._results import Solution as Solution
 from .experiments.conditional import ConditionalTrials as ConditionalTrials
 from .experiments.conditional import compare_schedules as compare_schedules
 from .experiments.conditional import trial_metrics as trial_metrics
+from .models.dit import DIT_CONFIGS as DIT_CONFIGS
+from .models.dit import DiT as DiT
 from .optimize import OptimizeResult as OptimizeResult
 from .optimize import alignment_objective as alignment_objective
 from .optimize import gap_objective as gap_objective

@@ -1,0 +1,233 @@
+r"""Diffusion Transformer (Peebles and Xie 2023) in Flax NNX, channels-last.
+
+```python
+model = cd.DiT.from_config("DiT-S/2", input_size=32, in_channels=4, rngs=nnx.Rngs(0))
+eps = model(x, t, y)                                   # x: (B, H, W, C), t: (B,), y: (B,) int labels
+eps, hidden = model(x, t, y, return_hidden=True)      # plus the per-block token states
+```
+
+The architecture follows the paper and its reference code: a patch embedding (a
+`patch x patch` convolution with stride `patch`), a fixed 2-D sine-cosine position
+embedding (not a parameter), a sinusoidal timestep embedder with a two-layer MLP, a
+class-label embedder with one extra "null" row for classifier-free guidance (label
+dropout during training), `depth` adaLN-Zero blocks and a final adaLN layer; with
+`learn_sigma` the output has `2 C` channels. adaLN modulations and the final projection are
+zero-initialised, so a fresh model outputs zeros and every block starts as the identity.
+
+Mixed precision: `dtype=jnp.bfloat16` computes in bfloat16 with float32 parameters
+(`param_dtype`); layer norms, the softmax and the adaLN modulations stay in float32.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    """Transformer size: `depth` blocks of width `hidden_size` with `num_heads` heads, patch `patch_size`."""
+
+    depth: int
+    hidden_size: int
+    num_heads: int
+    patch_size: int
+
+
+# Table 1 of the DiT paper
+_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+DIT_CONFIGS = {f"DiT-{n}/{p}": DiTConfig(d, h, k, p) for n, (d, h, k) in _SIZES.items() for p in (2, 4, 8)}
+
+
+def sincos_pos_embed(hidden_size: int, grid_size: int) -> np.ndarray:
+    """The fixed 2-D sine-cosine position embedding of MAE/DiT, shape `(grid_size**2, hidden_size)`.
+
+    Half the channels encode the column (x) coordinate and half the row (y) coordinate, each
+    as `[sin(pos * w_k), cos(pos * w_k)]` with `w_k = 10000^{-k / (D/4)}`; tokens in row-major order.
+    """
+    if hidden_size % 4:
+        raise ValueError(f"`hidden_size` must be divisible by 4 for the 2-D sin-cos embedding, got {hidden_size}.")
+    omega = 1.0 / 10000 ** (np.arange(hidden_size // 4, dtype=np.float64) / (hidden_size / 4.0))
+    coords = np.arange(grid_size, dtype=np.float64)
+    gx, gy = np.meshgrid(coords, coords)  # gx varies along columns (w), gy along rows (h)
+
+    def one(pos):
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate([one(gx), one(gy)], axis=1).astype(np.float32)
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10000.0):
+    """Sinusoidal embedding of (possibly fractional) timesteps: `[cos(t w), sin(t w)]`, shape `(B, dim)`."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+def _modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class TimestepEmbedder(nnx.Module):
+    def __init__(self, hidden_size: int, *, frequency_size: int = 256, dtype=None, param_dtype=jnp.float32, rngs):
+        init = nnx.initializers.normal(0.02)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=init, rngs=rngs)
+        self.frequency_size = frequency_size
+        self.linear_1 = nnx.Linear(frequency_size, hidden_size, **kw)
+        self.linear_2 = nnx.Linear(hidden_size, hidden_size, **kw)
+
+    def __call__(self, t):
+        return self.linear_2(nnx.silu(self.linear_1(timestep_embedding(t, self.frequency_size))))
+
+
+class LabelEmbedder(nnx.Module):
+    """Class embeddings with a null class (index `num_classes`) used when a label is dropped."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float, *, param_dtype=jnp.float32, rngs):
+        self.num_classes, self.dropout_prob = num_classes, dropout_prob
+        self.embedding_table = nnx.Embed(num_classes + (dropout_prob > 0), hidden_size, param_dtype=param_dtype,
+                                         embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+    def __call__(self, y, *, train: bool = False, key=None, force_drop=None):
+        if force_drop is not None:
+            y = jnp.where(force_drop, self.num_classes, y)
+        elif train and self.dropout_prob > 0:
+            if key is None:
+                raise ValueError("Label dropout in training needs a `key`.")
+            y = jnp.where(jax.random.bernoulli(key, self.dropout_prob, y.shape), self.num_classes, y)
+        return self.embedding_table(y)
+
+
+class Attention(nnx.Module):
+    def __init__(self, hidden_size: int, num_heads: int, *, dtype=None, param_dtype=jnp.float32, rngs):
+        if hidden_size % num_heads:
+            raise ValueError(f"`hidden_size` ({hidden_size}) must be divisible by `num_heads` ({num_heads}).")
+        kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
+        self.num_heads = num_heads
+        self.qkv = nnx.Linear(hidden_size, 3 * hidden_size, **kw)
+        self.proj = nnx.Linear(hidden_size, hidden_size, **kw)
+
+    def __call__(self, x):
+        b, n, c = x.shape
+        h = self.num_heads
+        qkv = self.qkv(x).reshape(b, n, 3, h, c // h)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (b, n, h, c/h)
+        out = jax.nn.dot_product_attention(q, k, v)
+        return self.proj(out.reshape(b, n, c))
+
+
+class Mlp(nnx.Module):
+    def __init__(self, hidden_size: int, mlp_ratio: float, *, dtype=None, param_dtype=jnp.float32, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
+        inner = int(hidden_size * mlp_ratio)
+        self.fc1 = nnx.Linear(hidden_size, inner, **kw)
+        self.fc2 = nnx.Linear(inner, hidden_size, **kw)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+class DiTBlock(nnx.Module):
+    """Pre-norm transformer block with adaLN-Zero conditioning (shift, scale, gate for attention and MLP)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *, dtype=None, param_dtype=jnp.float32, rngs):
+        self.dtype = dtype
+        self.norm1 = nnx.LayerNorm(hidden_size, epsilon=1e-6, use_bias=False, use_scale=False, rngs=rngs)
+        self.attn = Attention(hidden_size, num_heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(hidden_size, epsilon=1e-6, use_bias=False, use_scale=False, rngs=rngs)
+        self.mlp = Mlp(hidden_size, mlp_ratio, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.adaLN_modulation = nnx.Linear(hidden_size, 6 * hidden_size, param_dtype=param_dtype,
+                                           kernel_init=nnx.initializers.zeros, rngs=rngs)
+
+    def __call__(self, x, c):
+        mods = jnp.split(self.adaLN_modulation(nnx.silu(c)), 6, axis=-1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        h = _modulate(self.norm1(x.astype(jnp.float32)), shift_msa, scale_msa)
+        x = x + (gate_msa[:, None] * self.attn(h.astype(self.dtype or h.dtype))).astype(x.dtype)
+        h = _modulate(self.norm2(x.astype(jnp.float32)), shift_mlp, scale_mlp)
+        return x + (gate_mlp[:, None] * self.mlp(h.astype(self.dtype or h.dtype))).astype(x.dtype)
+
+
+class FinalLayer(nnx.Module):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, *, param_dtype=jnp.float32, rngs):
+        zeros = nnx.initializers.zeros
+        self.norm_final = nnx.LayerNorm(hidden_size, epsilon=1e-6, use_bias=False, use_scale=False, rngs=rngs)
+        self.linear = nnx.Linear(hidden_size, patch_size * patch_size * out_channels, param_dtype=param_dtype,
+                                 kernel_init=zeros, rngs=rngs)
+        self.adaLN_modulation = nnx.Linear(hidden_size, 2 * hidden_size, param_dtype=param_dtype, kernel_init=zeros,
+                                           rngs=rngs)
+
+    def __call__(self, x, c):
+        shift, scale = jnp.split(self.adaLN_modulation(nnx.silu(c)), 2, axis=-1)
+        return self.linear(_modulate(self.norm_final(x.astype(jnp.float32)), shift, scale))
+
+
+class DiT(nnx.Module):
+    r"""The Diffusion Transformer; see the module docstring. Build named sizes with [`DiT.from_config`][].
+
+    Call as `model(x, t, y=None, *, train=False, key=None, force_drop=None, return_hidden=False)`:
+    `x` of shape `(B, H, W, C)` with `H = W = input_size`, `t` of shape `(B,)`, `y` integer
+    labels `(B,)` (required iff `num_classes > 0`). Returns `(B, H, W, C_out)`, and with
+    `return_hidden=True` also the token states after each block, shape `(depth, B, N, D)`.
+    """
+
+    def __init__(self, *, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
+                 depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
+                 num_classes: int = 1000, learn_sigma: bool = True, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if input_size % patch_size:
+            raise ValueError(f"`input_size` ({input_size}) must be divisible by `patch_size` ({patch_size}).")
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.num_classes, self.dtype = num_classes, dtype
+        self.x_embedder = nnx.Conv(in_channels, hidden_size, (patch_size, patch_size), strides=patch_size, padding="VALID",
+                                   dtype=dtype, param_dtype=param_dtype,
+                                   kernel_init=nnx.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3), rngs=rngs)
+        self.pos_embed = nnx.Variable(jnp.asarray(sincos_pos_embed(hidden_size, input_size // patch_size)))  # fixed
+        self.t_embedder = TimestepEmbedder(hidden_size, param_dtype=param_dtype, rngs=rngs)
+        self.y_embedder = (LabelEmbedder(num_classes, hidden_size, class_dropout_prob, param_dtype=param_dtype, rngs=rngs)
+                           if num_classes > 0 else None)
+        self.blocks = nnx.List([DiTBlock(hidden_size, num_heads, mlp_ratio, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, param_dtype=param_dtype, rngs=rngs)
+
+    @classmethod
+    def from_config(cls, name: str, **kwargs) -> "DiT":
+        """A named size of the DiT paper (`"DiT-S/2"` ... `"DiT-XL/8"`); other arguments as in `DiT`."""
+        if name not in DIT_CONFIGS:
+            raise ValueError(f"Unknown DiT config {name!r}; choose from {sorted(DIT_CONFIGS)}.")
+        c = DIT_CONFIGS[name]
+        return cls(depth=c.depth, hidden_size=c.hidden_size, num_heads=c.num_heads, patch_size=c.patch_size, **kwargs)
+
+    def unpatchify(self, x):
+        b, n, _ = x.shape
+        p, c, g = self.patch_size, self.out_channels, self.input_size // self.patch_size
+        x = x.reshape(b, g, g, p, p, c)
+        return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, g * p, g * p, c)
+
+    def __call__(self, x, t, y=None, *, train: bool = False, key=None, force_drop=None, return_hidden: bool = False):
+        if x.ndim != 4 or x.shape[1:] != (self.input_size, self.input_size, self.in_channels):
+            raise ValueError(f"`x` must have shape (B, {self.input_size}, {self.input_size}, {self.in_channels}) "
+                             f"(channels last), got {x.shape}.")
+        if (y is None) != (self.y_embedder is None):
+            raise ValueError("Pass labels `y` exactly when the model is class-conditional (num_classes > 0).")
+        b = x.shape[0]
+        h = self.x_embedder(x).reshape(b, -1, self.pos_embed.value.shape[-1])
+        h = h.astype(jnp.float32) + self.pos_embed.value[None]
+        c = self.t_embedder(jnp.broadcast_to(t, (b,)))
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(y, train=train, key=key, force_drop=force_drop)
+        hidden = []
+        for block in self.blocks:
+            h = block(h, c)
+            if return_hidden:
+                hidden.append(h)
+        out = self.unpatchify(self.final_layer(h, c).astype(jnp.float32))
+        return (out, jnp.stack(hidden)) if return_hidden else out

@@ -1,0 +1,116 @@
+"""Flax NNX DiT: published sizes, the fixed embeddings against their formulas, adaLN-Zero, hidden states."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import coupled_diffusion as cd
+from coupled_diffusion.models.dit import DIT_CONFIGS, sincos_pos_embed, timestep_embedding
+
+
+def _count(model, kind=nnx.Param):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, kind)))
+
+
+def test_dit_xl2_has_the_published_parameter_count_without_allocating_it():
+    model = nnx.eval_shape(lambda: cd.DiT.from_config("DiT-XL/2", input_size=32, in_channels=4, rngs=nnx.Rngs(0)))
+    # the reference implementation reports 675,129,632 parameters for DiT-XL/2 (256 x 256 images,
+    # 32 x 32 x 4 latents, 1000 classes, learn_sigma); that count includes the fixed 256 x 1152
+    # position embedding, which here is a non-trainable variable
+    assert _count(model) + 256 * 1152 == 675_129_632
+    assert _count(model, nnx.Variable) - _count(model) == 256 * 1152
+
+
+def test_configs_are_table_1_of_the_paper():
+    assert {(c.depth, c.hidden_size, c.num_heads) for c in DIT_CONFIGS.values()} == {
+        (12, 384, 6), (12, 768, 12), (24, 1024, 16), (28, 1152, 16)}
+    assert len(DIT_CONFIGS) == 12 and {c.patch_size for c in DIT_CONFIGS.values()} == {2, 4, 8}
+
+
+def test_position_embedding_matches_its_formula_entry_by_entry():
+    d, g = 16, 3
+    emb = sincos_pos_embed(d, g)
+    q = d // 4
+    for row in range(g):
+        for col in range(g):
+            tok = row * g + col
+            for k in range(q):
+                w = 10000.0 ** (-k / q)
+                expect = [math.sin(col * w), math.cos(col * w), math.sin(row * w), math.cos(row * w)]
+                got = [emb[tok, k], emb[tok, q + k], emb[tok, 2 * q + k], emb[tok, 3 * q + k]]
+                np.testing.assert_allclose(got, expect, atol=1e-6)
+
+
+def test_timestep_embedding_matches_its_formula():
+    e = np.asarray(timestep_embedding(jnp.array([0.0, 7.5]), 8))
+    for i, t in enumerate((0.0, 7.5)):
+        for k in range(4):
+            w = math.exp(-math.log(10000.0) * k / 4)
+            np.testing.assert_allclose([e[i, k], e[i, 4 + k]], [math.cos(t * w), math.sin(t * w)], atol=1e-6)
+
+
+def _randomised(model, key):
+    """Every parameter replaced by a random draw (a fresh DiT is zero-output by design)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    leaves = [0.05 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+    return nnx.merge(graphdef, jax.tree.unflatten(tree, leaves), rest)
+
+
+def test_fresh_dit_outputs_zeros_and_hidden_states_do_not_change_the_output():
+    model = cd.DiT(input_size=16, patch_size=4, in_channels=3, hidden_size=64, depth=3, num_heads=4, num_classes=10,
+                   rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+    t, y = jnp.array([3.0, 500.0]), jnp.array([1, 7])
+    out = model(x, t, y)
+    assert out.shape == (2, 16, 16, 6) and float(jnp.abs(out).max()) == 0.0  # adaLN-Zero, zero final layer
+    model = _randomised(model, jax.random.key(2))
+    out = model(x, t, y)
+    out2, hidden = model(x, t, y, return_hidden=True)
+    np.testing.assert_array_equal(out, out2)
+    assert hidden.shape == (3, 2, 16, 64) and float(jnp.abs(out).max()) > 0
+    # labels matter; force_drop swaps in the null class
+    assert not np.allclose(model(x, t, jnp.array([2, 7]))[0], out[0])
+    dropped = model(x, t, y, force_drop=jnp.array([True, False]))
+    assert not np.allclose(dropped[0], out[0]) and np.allclose(dropped[1], out[1])
+    np.testing.assert_allclose(dropped[0], model(x, t, jnp.array([10, 7]))[0])
+
+
+def test_unpatchify_inverts_patchify():
+    model = cd.DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=0,
+                   learn_sigma=False, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    # token (r, c) holds the p x p x C patch at rows 2r:2r+2, cols 2c:2c+2, flattened (p, q, C)
+    tokens = x.reshape(2, 4, 2, 4, 2, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 16, 12)
+    np.testing.assert_array_equal(model.unpatchify(tokens), x)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_close_outputs():
+    kw = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=5)
+    f32 = _randomised(cd.DiT(**kw, rngs=nnx.Rngs(0)), jax.random.key(3))
+    bf16 = cd.DiT(**kw, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    nnx.update(bf16, nnx.state(f32, nnx.Param))
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(bf16, nnx.Param))} == {jnp.dtype(jnp.float32)}
+    x = jax.random.normal(jax.random.key(4), (3, 8, 8, 4))
+    t, y = jnp.array([1.0, 10.0, 100.0]), jnp.array([0, 1, 4])
+    a, b = f32(x, t, y), bf16(x, t, y)
+    assert b.dtype == jnp.float32
+    assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a)) < 0.03
+
+
+def test_dit_errors():
+    with pytest.raises(ValueError, match="Unknown DiT config"):
+        cd.DiT.from_config("DiT-M/2", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="divisible"):
+        cd.DiT(input_size=9, patch_size=2, hidden_size=32, depth=1, num_heads=2, rngs=nnx.Rngs(0))
+    model = cd.DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=4,
+                   rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="channels last"):
+        model(jnp.zeros((1, 3, 8, 8)), jnp.zeros(1), jnp.zeros(1, int))
+    with pytest.raises(ValueError, match="labels"):
+        model(jnp.zeros((1, 8, 8, 3)), jnp.zeros(1))
