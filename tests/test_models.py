@@ -114,3 +114,47 @@ def test_dit_errors():
         model(jnp.zeros((1, 3, 8, 8)), jnp.zeros(1), jnp.zeros(1, int))
     with pytest.raises(ValueError, match="labels"):
         model(jnp.zeros((1, 8, 8, 3)), jnp.zeros(1))
+
+
+def test_data_parallel_forward_and_gradient_equal_unsharded_on_4_fake_devices():
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import jax, jax.numpy as jnp, numpy as np
+        from flax import nnx
+        import coupled_diffusion as cd
+        from coupled_diffusion.models.sharding import data_mesh, replicate, shard_batch
+        assert len(jax.devices()) == 4
+        kw = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=5)
+        def build():
+            m = cd.DiT(**kw, rngs=nnx.Rngs(0))
+            g, p, rest = nnx.split(m, nnx.Param, ...)
+            leaves, tree = jax.tree.flatten(p)
+            keys = jax.random.split(jax.random.key(1), len(leaves))
+            return nnx.merge(g, jax.tree.unflatten(tree, [0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]), rest)
+        x = jax.random.normal(jax.random.key(2), (8, 8, 8, 3)); t = jnp.arange(8.0) * 10; y = jnp.arange(8) % 5
+        def loss(model, x, t, y):
+            return jnp.mean((model(x, t, y) - 0.1) ** 2)
+        step = nnx.jit(nnx.value_and_grad(loss))
+        ref_loss, ref_grad = step(build(), x, t, y)
+        mesh = data_mesh()
+        model = replicate(build(), mesh)
+        xs, ts, ys = shard_batch((x, t, y), mesh)
+        assert len(xs.sharding.device_set) == 4 and xs.addressable_shards[0].data.shape[0] == 2
+        out_loss, out_grad = step(model, xs, ts, ys)
+        np.testing.assert_allclose(out_loss, ref_loss, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(out_grad), jax.tree.leaves(ref_grad)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+        try:
+            shard_batch(jnp.zeros((6, 2)), mesh)
+            raise SystemExit("no error for an indivisible batch")
+        except ValueError as e:
+            assert "multiple of the device count" in str(e)
+        print("OK")
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
