@@ -123,7 +123,7 @@ def trial_metrics(schedule, trials: ConditionalTrials) -> dict:
 def _reverse_y(make_schedule: Callable, g0s, t0, trials: ConditionalTrials):
     """Per-trial metrics for a batch of coupling strengths `g0s` (vmapped)."""
     m = jax.vmap(lambda g0: trial_metrics(make_schedule(g0, t0), trials))(g0s)
-    return m["acc"], m["mse"], m["nll"]
+    return {k: m[k] for k in ("acc", "mse", "nll")}
 
 
 def compare_schedules(schedules: dict, trials: ConditionalTrials, *, baseline=None) -> dict:
@@ -212,18 +212,16 @@ def conditional_experiment(
                                         increments=increments, dtype=dtype)
         first = True
         for name in schedules:
-            acc, mse, nll = _reverse_y(SCHEDULES[name], g_all, jnp.asarray(t0, dtype), trials)
-            acc, mse, nll = (np.asarray(a, np.float64) for a in (acc, mse, nll))
+            got = {m: np.asarray(v, np.float64) for m, v in _reverse_y(SCHEDULES[name], g_all, jnp.asarray(t0, dtype),
+                                                                       trials).items()}
+            ref = {m: v[0] for m, v in got.items()}  # row 0 is the baseline g0 = 0
             if first:
-                for m, v in (("acc", acc[0]), ("mse", mse[0]), ("nll", nll[0])):
-                    base[m].append(v.mean())
-                    base["se_" + m].append(v.std(ddof=1) / np.sqrt(n_trials))
+                for m, v in summarise(ref).items():
+                    base[m].append(v)
                 first = False
             for i, g in enumerate(g0s, start=1):
-                for m, v in (("acc", acc), ("mse", mse), ("nll", nll)):
-                    diff = v[i] - v[0]
-                    rows[(name, g)]["d_" + m].append(diff.mean())
-                    rows[(name, g)]["se_" + m].append(diff.std(ddof=1) / np.sqrt(n_trials))
+                for m, v in paired_difference({m: v[i] for m, v in got.items()}, ref).items():
+                    rows[(name, g)][m].append(v)
         if progress is not None:
             progress(j + 1, len(thetas))
     out["baseline"] = {m: np.asarray(v) for m, v in base.items()}
