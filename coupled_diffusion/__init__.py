@@ -7,6 +7,10 @@ from .experiments.conditional import compare_schedules as compare_schedules
 from .experiments.conditional import trial_metrics as trial_metrics
 from .models.dit import DIT_CONFIGS as DIT_CONFIGS
 from .models.dit import DiT as DiT
+from .models.pretrained import load_dit_diffusers as load_dit_diffusers
+from .models.pretrained import load_dit_official as load_dit_official
+from .models.pretrained import load_unet_diffusers as load_unet_diffusers
+from .models.unet import UNet as UNet
 from .optimize import OptimizeResult as OptimizeResult
 from .optimize import alignment_objective as alignment_objective
 from .optimize import gap_objective as gap_objective

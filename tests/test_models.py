@@ -116,7 +116,7 @@ def test_dit_errors():
         model(jnp.zeros((1, 8, 8, 3)), jnp.zeros(1))
 
 
-def test_data_parallel_forward_and_gradient_equal_unsharded_on_4_fake_devices():
+def test_data_parallel_and_fsdp_forward_and_gradient_equal_unsharded_on_4_fake_devices():
     import os
     import subprocess
     import sys
@@ -148,6 +148,21 @@ def test_data_parallel_forward_and_gradient_equal_unsharded_on_4_fake_devices():
         np.testing.assert_allclose(out_loss, ref_loss, rtol=1e-5)
         for a, b in zip(jax.tree.leaves(out_grad), jax.tree.leaves(ref_grad)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+        # FSDP: the same weights, but each weight matrix split over the devices along its model-width axis
+        with jax.set_mesh(mesh):
+            fsdp = cd.DiT(**kw, fsdp_axis="data", rngs=nnx.Rngs(0))
+        ref = dict(nnx.to_flat_state(nnx.state(build(), nnx.Param)))
+        flat = [(path, var.replace(jax.device_put(ref[path].get_value(), var.get_value().sharding)))
+                for path, var in nnx.to_flat_state(nnx.state(fsdp, nnx.Param))]
+        nnx.update(fsdp, nnx.from_flat_state(flat))
+        fc1 = fsdp.blocks[0].mlp.fc1.kernel[...]
+        assert fc1.shape == (32, 128) and fc1.addressable_shards[0].data.shape == (32, 32), fc1.sharding
+        assert fsdp.final_layer.linear.kernel[...].addressable_shards[0].data.shape == (8, 24)
+        assert fsdp.blocks[0].mlp.fc1.bias[...].addressable_shards[0].data.shape == (128,)
+        f_loss, f_grad = step(fsdp, xs, ts, ys)
+        np.testing.assert_allclose(f_loss, ref_loss, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(f_grad), jax.tree.leaves(ref_grad)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
         try:
             shard_batch(jnp.zeros((6, 2)), mesh)
             raise SystemExit("no error for an indivisible batch")
@@ -158,3 +173,43 @@ def test_data_parallel_forward_and_gradient_equal_unsharded_on_4_fake_devices():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
+
+
+def test_unet_shapes_at_28_32_64_and_the_paper_layout():
+    """28 -> 14 -> 7 (the paper's MNIST size), and 32 / 64 with deeper stacks; shapes by abstract evaluation."""
+    from coupled_diffusion.models.unet import UNet
+
+    for size, widths in [(28, (32, 64, 64)), (32, (16, 32, 32, 32)), (64, (16, 32, 32, 64, 64))]:
+        model = nnx.eval_shape(lambda w=widths: UNet(in_channels=2, block_channels=w, rngs=nnx.Rngs(0)))
+        out = nnx.eval_shape(lambda m, x, t: m(x, t), model, jax.ShapeDtypeStruct((4, size, size, 2), jnp.float32),
+                             jax.ShapeDtypeStruct((4,), jnp.int32))
+        assert out.shape == (4, size, size, 2) and out.dtype == jnp.float32
+    # the paper-size model: resolutions visited and skip connections are those of a 3-level U-Net
+    model = nnx.eval_shape(lambda: UNet(in_channels=2, rngs=nnx.Rngs(0)))
+    assert [len(level.resnets) for level in model.down_blocks] == [1, 1, 1]
+    assert [len(level.resnets) for level in model.up_blocks] == [2, 2, 2]
+    assert model.down_blocks[2].attentions is not None and model.down_blocks[0].attentions is None
+
+
+def test_unet_bfloat16_and_errors():
+    from coupled_diffusion.models.unet import UNet
+
+    kw = dict(in_channels=2, block_channels=(8, 16), num_groups=4, attention_head_dim=4)
+    rng = np.random.default_rng(0)  # random weights without per-shape initialiser compiles (slow on this CPU)
+    f32 = nnx.eval_shape(lambda: UNet(**kw, rngs=nnx.Rngs(0)))
+    nnx.update(f32, jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape), s.dtype), nnx.state(f32)))
+    bf16 = nnx.eval_shape(lambda: UNet(**kw, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    nnx.update(bf16, nnx.state(f32))  # the same float32 parameters, bfloat16 compute
+    assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(bf16, nnx.Param)))
+    x, t = jax.random.normal(jax.random.key(0), (2, 8, 8, 2)), jnp.array([3, 700])
+    run = nnx.jit(lambda m, x, t: m(x, t))
+    a, b = run(f32, x, t), run(bf16, x, t)
+    assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a)) < 0.03
+    with pytest.raises(ValueError, match="divisible by 2"):
+        f32(jnp.zeros((1, 7, 7, 2)), jnp.zeros(1))
+    with pytest.raises(ValueError, match=r"\(B, H, W, 2\)"):
+        f32(jnp.zeros((1, 2, 8, 8)), jnp.zeros(1))
+    with pytest.raises(ValueError, match="num_groups"):
+        UNet(in_channels=2, block_channels=(12, 16), num_groups=8, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="one flag per level"):
+        UNet(in_channels=2, block_channels=(8, 16), attention=(True,), num_groups=4, rngs=nnx.Rngs(0))

@@ -61,10 +61,14 @@ def sincos_pos_embed(hidden_size: int, grid_size: int) -> np.ndarray:
     return np.concatenate([one(gx), one(gy)], axis=1).astype(np.float32)
 
 
-def timestep_embedding(t, dim: int, max_period: float = 10000.0):
-    """Sinusoidal embedding of (possibly fractional) timesteps: `[cos(t w), sin(t w)]`, shape `(B, dim)`."""
+def timestep_embedding(t, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0):
+    """Sinusoidal embedding of (possibly fractional) timesteps: `[cos(t w_k), sin(t w_k)]`, shape `(B, dim)`.
+
+    `w_k = max_period^{-k / (dim/2 - freq_shift)}`, `k = 0 .. dim/2 - 1`. The DiT reference code uses
+    `freq_shift = 0`; diffusers' `DiTTransformer2DModel` uses `freq_shift = 1`.
+    """
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
     args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
     emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
     if dim % 2:
@@ -72,29 +76,39 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
     return emb
 
 
+def _part(init, axis: str | None, *spec):
+    """`init` annotated with the partition spec (`"fsdp"` standing for `axis`), or plain `init` when `axis` is None."""
+    if axis is None:
+        return init
+    return nnx.with_partitioning(init, tuple(axis if d == "fsdp" else d for d in spec))
+
+
 def _modulate(x, shift, scale):
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
 class TimestepEmbedder(nnx.Module):
-    def __init__(self, hidden_size: int, *, frequency_size: int = 256, dtype=None, param_dtype=jnp.float32, rngs):
-        init = nnx.initializers.normal(0.02)
+    def __init__(self, hidden_size: int, *, frequency_size: int = 256, freq_shift: float = 0.0, dtype=None,
+                 param_dtype=jnp.float32, fsdp_axis=None, rngs):
+        init = _part(nnx.initializers.normal(0.02), fsdp_axis, None, "fsdp")
         kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=init, rngs=rngs)
-        self.frequency_size = frequency_size
+        self.frequency_size, self.freq_shift = frequency_size, freq_shift
         self.linear_1 = nnx.Linear(frequency_size, hidden_size, **kw)
         self.linear_2 = nnx.Linear(hidden_size, hidden_size, **kw)
 
     def __call__(self, t):
-        return self.linear_2(nnx.silu(self.linear_1(timestep_embedding(t, self.frequency_size))))
+        return self.linear_2(nnx.silu(self.linear_1(timestep_embedding(t, self.frequency_size, freq_shift=self.freq_shift))))
 
 
 class LabelEmbedder(nnx.Module):
     """Class embeddings with a null class (index `num_classes`) used when a label is dropped."""
 
-    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float, *, param_dtype=jnp.float32, rngs):
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float, *, param_dtype=jnp.float32, fsdp_axis=None,
+                 rngs):
         self.num_classes, self.dropout_prob = num_classes, dropout_prob
         self.embedding_table = nnx.Embed(num_classes + (dropout_prob > 0), hidden_size, param_dtype=param_dtype,
-                                         embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+                                         embedding_init=_part(nnx.initializers.normal(0.02), fsdp_axis, None, "fsdp"),
+                                         rngs=rngs)
 
     def __call__(self, y, *, train: bool = False, key=None, force_drop=None):
         if force_drop is not None:
@@ -107,10 +121,11 @@ class LabelEmbedder(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, hidden_size: int, num_heads: int, *, dtype=None, param_dtype=jnp.float32, rngs):
+    def __init__(self, hidden_size: int, num_heads: int, *, dtype=None, param_dtype=jnp.float32, fsdp_axis=None, rngs):
         if hidden_size % num_heads:
             raise ValueError(f"`hidden_size` ({hidden_size}) must be divisible by `num_heads` ({num_heads}).")
-        kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
+        init = _part(nnx.initializers.xavier_uniform(), fsdp_axis, None, "fsdp")
+        kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=init, rngs=rngs)
         self.num_heads = num_heads
         self.qkv = nnx.Linear(hidden_size, 3 * hidden_size, **kw)
         self.proj = nnx.Linear(hidden_size, hidden_size, **kw)
@@ -125,8 +140,9 @@ class Attention(nnx.Module):
 
 
 class Mlp(nnx.Module):
-    def __init__(self, hidden_size: int, mlp_ratio: float, *, dtype=None, param_dtype=jnp.float32, rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
+    def __init__(self, hidden_size: int, mlp_ratio: float, *, dtype=None, param_dtype=jnp.float32, fsdp_axis=None, rngs):
+        init = _part(nnx.initializers.xavier_uniform(), fsdp_axis, None, "fsdp")
+        kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=init, rngs=rngs)
         inner = int(hidden_size * mlp_ratio)
         self.fc1 = nnx.Linear(hidden_size, inner, **kw)
         self.fc2 = nnx.Linear(inner, hidden_size, **kw)
@@ -138,14 +154,16 @@ class Mlp(nnx.Module):
 class DiTBlock(nnx.Module):
     """Pre-norm transformer block with adaLN-Zero conditioning (shift, scale, gate for attention and MLP)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *, dtype=None, param_dtype=jnp.float32, rngs):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *, mlp_norm_eps: float = 1e-6, dtype=None,
+                 param_dtype=jnp.float32, fsdp_axis=None, rngs):
         self.dtype = dtype
+        kw = dict(dtype=dtype, param_dtype=param_dtype, fsdp_axis=fsdp_axis, rngs=rngs)
         self.norm1 = nnx.LayerNorm(hidden_size, epsilon=1e-6, use_bias=False, use_scale=False, rngs=rngs)
-        self.attn = Attention(hidden_size, num_heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.norm2 = nnx.LayerNorm(hidden_size, epsilon=1e-6, use_bias=False, use_scale=False, rngs=rngs)
-        self.mlp = Mlp(hidden_size, mlp_ratio, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attn = Attention(hidden_size, num_heads, **kw)
+        self.norm2 = nnx.LayerNorm(hidden_size, epsilon=mlp_norm_eps, use_bias=False, use_scale=False, rngs=rngs)
+        self.mlp = Mlp(hidden_size, mlp_ratio, **kw)
         self.adaLN_modulation = nnx.Linear(hidden_size, 6 * hidden_size, param_dtype=param_dtype,
-                                           kernel_init=nnx.initializers.zeros, rngs=rngs)
+                                           kernel_init=_part(nnx.initializers.zeros, fsdp_axis, None, "fsdp"), rngs=rngs)
 
     def __call__(self, x, c):
         mods = jnp.split(self.adaLN_modulation(nnx.silu(c)), 6, axis=-1)
@@ -157,13 +175,14 @@ class DiTBlock(nnx.Module):
 
 
 class FinalLayer(nnx.Module):
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, *, param_dtype=jnp.float32, rngs):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, *, param_dtype=jnp.float32, fsdp_axis=None,
+                 rngs):
         zeros = nnx.initializers.zeros
         self.norm_final = nnx.LayerNorm(hidden_size, epsilon=1e-6, use_bias=False, use_scale=False, rngs=rngs)
         self.linear = nnx.Linear(hidden_size, patch_size * patch_size * out_channels, param_dtype=param_dtype,
-                                 kernel_init=zeros, rngs=rngs)
-        self.adaLN_modulation = nnx.Linear(hidden_size, 2 * hidden_size, param_dtype=param_dtype, kernel_init=zeros,
-                                           rngs=rngs)
+                                 kernel_init=_part(zeros, fsdp_axis, "fsdp", None), rngs=rngs)
+        self.adaLN_modulation = nnx.Linear(hidden_size, 2 * hidden_size, param_dtype=param_dtype,
+                                           kernel_init=_part(zeros, fsdp_axis, None, "fsdp"), rngs=rngs)
 
     def __call__(self, x, c):
         shift, scale = jnp.split(self.adaLN_modulation(nnx.silu(c)), 2, axis=-1)
@@ -177,11 +196,22 @@ class DiT(nnx.Module):
     `x` of shape `(B, H, W, C)` with `H = W = input_size`, `t` of shape `(B,)`, `y` integer
     labels `(B,)` (required iff `num_classes > 0`). Returns `(B, H, W, C_out)`, and with
     `return_hidden=True` also the token states after each block, shape `(depth, B, N, D)`.
+
+    `timestep_freq_shift` and `mlp_norm_eps` default to the DiT reference code's constants (0 and
+    1e-6); diffusers' port uses 1 and its `norm_eps` (1e-5), and [`load_dit_diffusers`][] sets them so.
+
+    FSDP: with `fsdp_axis="data"` every weight matrix carries an NNX partitioning annotation that
+    splits one of its dimensions over that mesh axis (the output dimension, or the width input of
+    the final projection, so every split dimension is a multiple of `hidden_size`); built under
+    `jax.set_mesh(mesh)` each device then holds only its slice of every weight (biases and norms are
+    replicated), and XLA gathers the slices where a layer needs them. `hidden_size` must be a
+    multiple of the axis size. See `coupled_diffusion.models.sharding`.
     """
 
     def __init__(self, *, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
-                 num_classes: int = 1000, learn_sigma: bool = True, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 num_classes: int = 1000, learn_sigma: bool = True, timestep_freq_shift: float = 0.0, mlp_norm_eps: float = 1e-6,
+                 dtype=None, param_dtype=jnp.float32, fsdp_axis: str | None = None, rngs: nnx.Rngs):
         if input_size % patch_size:
             raise ValueError(f"`input_size` ({input_size}) must be divisible by `patch_size` ({patch_size}).")
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
@@ -189,14 +219,19 @@ class DiT(nnx.Module):
         self.num_classes, self.dtype = num_classes, dtype
         self.x_embedder = nnx.Conv(in_channels, hidden_size, (patch_size, patch_size), strides=patch_size, padding="VALID",
                                    dtype=dtype, param_dtype=param_dtype,
-                                   kernel_init=nnx.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3), rngs=rngs)
+                                   kernel_init=_part(nnx.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3), fsdp_axis,
+                                                     None, None, None, "fsdp"), rngs=rngs)
         self.pos_embed = nnx.Variable(jnp.asarray(sincos_pos_embed(hidden_size, input_size // patch_size)))  # fixed
-        self.t_embedder = TimestepEmbedder(hidden_size, param_dtype=param_dtype, rngs=rngs)
-        self.y_embedder = (LabelEmbedder(num_classes, hidden_size, class_dropout_prob, param_dtype=param_dtype, rngs=rngs)
+        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift, param_dtype=param_dtype,
+                                           fsdp_axis=fsdp_axis, rngs=rngs)
+        self.y_embedder = (LabelEmbedder(num_classes, hidden_size, class_dropout_prob, param_dtype=param_dtype,
+                                         fsdp_axis=fsdp_axis, rngs=rngs)
                            if num_classes > 0 else None)
-        self.blocks = nnx.List([DiTBlock(hidden_size, num_heads, mlp_ratio, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.blocks = nnx.List([DiTBlock(hidden_size, num_heads, mlp_ratio, mlp_norm_eps=mlp_norm_eps, dtype=dtype,
+                                         param_dtype=param_dtype, fsdp_axis=fsdp_axis, rngs=rngs)
                                 for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, param_dtype=param_dtype, rngs=rngs)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, param_dtype=param_dtype,
+                                      fsdp_axis=fsdp_axis, rngs=rngs)
 
     @classmethod
     def from_config(cls, name: str, **kwargs) -> "DiT":

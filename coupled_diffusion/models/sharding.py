@@ -8,6 +8,15 @@ loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model, x, t, y)   # XLA inser
 ```
 
 The batch size must be a multiple of the number of devices.
+
+FSDP-style parameter sharding for the DiT uses its NNX partitioning annotations: build it under the
+mesh and each device holds only a slice of every weight matrix; the same jitted step then runs
+(XLA gathers the slices where a layer needs them and reduce-scatters the gradients).
+
+```python
+with jax.set_mesh(mesh):
+    model = cd.DiT.from_config("DiT-XL/2", fsdp_axis="data", rngs=nnx.Rngs(0))
+```
 """
 
 import jax

@@ -1,0 +1,219 @@
+r"""A compact eps-prediction U-Net (Ronneberger et al. 2015; Ho et al. 2020) in Flax NNX, channels-last.
+
+```python
+model = cd.UNet(in_channels=2, rngs=nnx.Rngs(0))       # the paper's MNIST size: 2 x 28 x 28, 28 -> 14 -> 7
+eps = model(x, t)                                       # x: (B, H, W, C), t: (B,) (integer or fractional steps)
+```
+
+The layout is the DDPM U-Net as diffusers' `UNet2DModel` builds it, with the same module names,
+so that its checkpoints load with [`load_unet_diffusers`][] and its forward can be matched:
+
+- a sinusoidal timestep embedding (`[cos, sin]`, width `block_channels[0]`) and a two-layer SiLU
+  MLP to `4 * block_channels[0]`;
+- `conv_in`, then one *down level* per entry of `block_channels`: `layers_per_block` residual
+  blocks (group norm, SiLU, 3x3 conv, plus a projection of the time embedding; a 1x1 shortcut when
+  the width changes), each followed by self-attention where `attention[level]` is true, and a
+  stride-2 3x3 convolution to halve the resolution on every level but the last;
+- a middle block (residual, self-attention, residual);
+- mirrored *up levels* with `layers_per_block + 1` residual blocks each, every one consuming the
+  matching skip connection (concatenated on channels), and nearest-neighbour 2x upsampling plus a
+  3x3 convolution;
+- group norm, SiLU and a 3x3 `conv_out`.
+
+The input side must halve cleanly `len(block_channels) - 1` times (28 -> 14 -> 7 with three
+levels; 32 and 64 with up to six and seven). `dtype=jnp.bfloat16` computes in bfloat16 with float32
+parameters; group norms and softmax statistics stay in float32.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .dit import timestep_embedding
+
+
+_INIT = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # PyTorch's default: U(+-1/sqrt(fan_in))
+
+
+def _conv(cin, cout, kernel=3, stride=1, *, dtype, param_dtype, rngs):
+    pad = (kernel - 1) // 2
+    return nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)), dtype=dtype,
+                    param_dtype=param_dtype, kernel_init=_INIT, rngs=rngs)
+
+
+class _GroupNorm(nnx.Module):
+    """Group norm computed in float32 whatever the compute dtype."""
+
+    def __init__(self, channels: int, groups: int, eps: float, *, param_dtype, rngs):
+        if channels % groups:
+            raise ValueError(f"`num_groups` ({groups}) must divide every width; {channels} channels do not split evenly.")
+        self.norm = nnx.GroupNorm(channels, num_groups=groups, epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype,
+                                  rngs=rngs)
+
+    def __call__(self, x):
+        return self.norm(x.astype(jnp.float32)).astype(x.dtype)
+
+
+class ResnetBlock(nnx.Module):
+    def __init__(self, cin: int, cout: int, temb: int, *, groups: int, eps: float, dropout: float, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = _GroupNorm(cin, groups, eps, param_dtype=param_dtype, rngs=rngs)
+        self.conv1 = _conv(cin, cout, **kw)
+        self.time_emb_proj = nnx.Linear(temb, cout, kernel_init=_INIT, **kw)
+        self.norm2 = _GroupNorm(cout, groups, eps, param_dtype=param_dtype, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout)  # its key comes with the call, so the model holds no RNG state
+        self.conv2 = _conv(cout, cout, **kw)
+        self.conv_shortcut = _conv(cin, cout, 1, **kw) if cin != cout else None
+
+    def __call__(self, x, temb, *, deterministic: bool = True, rngs=None):
+        h = self.conv1(nnx.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(nnx.silu(temb))[:, None, None, :].astype(h.dtype)
+        h = self.conv2(self.dropout(nnx.silu(self.norm2(h)), deterministic=deterministic, rngs=rngs))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class SelfAttention(nnx.Module):
+    """Group norm, multi-head self-attention over the `H W` positions, output projection, residual."""
+
+    def __init__(self, channels: int, head_dim: int, *, groups: int, eps: float, dtype, param_dtype, rngs):
+        if channels % head_dim:
+            raise ValueError(f"`attention_head_dim` ({head_dim}) must divide the width {channels} of an attention level.")
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.heads = channels // head_dim
+        self.group_norm = _GroupNorm(channels, groups, eps, param_dtype=param_dtype, rngs=rngs)
+        self.to_q, self.to_k, self.to_v = (nnx.Linear(channels, channels, kernel_init=_INIT, **kw) for _ in range(3))
+        self.to_out = nnx.Linear(channels, channels, kernel_init=_INIT, **kw)
+
+    def __call__(self, x):
+        b, hh, ww, c = x.shape
+        h = self.group_norm(x).reshape(b, hh * ww, c)
+        split = lambda z: z.reshape(b, hh * ww, self.heads, c // self.heads)
+        q, k, v = split(self.to_q(h)), split(self.to_k(h)), split(self.to_v(h))
+        out = jax.nn.dot_product_attention(q, k, v).reshape(b, hh * ww, c)
+        return x + self.to_out(out).reshape(b, hh, ww, c)
+
+
+class _Level(nnx.Module):
+    def __init__(self, resnets, attentions, resample):
+        self.resnets = nnx.List(resnets)
+        self.attentions = nnx.List(attentions) if attentions else None
+        self.resample = resample
+
+
+class UNet(nnx.Module):
+    r"""The compact U-Net; see the module docstring.
+
+    Arguments:
+        in_channels: input (and, by default, output) channels `C` of `(B, H, W, C)` inputs.
+        out_channels: output channels (default `in_channels`).
+        block_channels: width of each resolution level, finest first.
+        layers_per_block: residual blocks per down level (up levels get one more).
+        attention: per level, whether its residual blocks are followed by self-attention
+            (default: only the coarsest level); the middle block always has attention unless
+            `mid_attention=False`.
+        num_groups: groups of every group norm. norm_eps: their epsilon.
+        attention_head_dim: channels per attention head.
+        dropout: dropout inside residual blocks; acts in `model(x, t, train=True, rngs=nnx.Rngs(dropout=key))`.
+        dtype, param_dtype: compute and parameter dtypes.
+    """
+
+    def __init__(self, *, in_channels: int = 2, out_channels: int | None = None,
+                 block_channels: tuple[int, ...] = (32, 64, 64), layers_per_block: int = 1,
+                 attention: tuple[bool, ...] | None = None, mid_attention: bool = True, num_groups: int = 8,
+                 norm_eps: float = 1e-5, attention_head_dim: int = 8, dropout: float = 0.0, dtype=None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        block_channels = tuple(int(c) for c in block_channels)
+        if not block_channels or min(block_channels) <= 0:
+            raise ValueError(f"`block_channels` must be a non-empty tuple of positive widths, got {block_channels}.")
+        if layers_per_block < 1:
+            raise ValueError(f"`layers_per_block` must be at least 1, got {layers_per_block}.")
+        n = len(block_channels)
+        attention = tuple(attention) if attention is not None else (False,) * (n - 1) + (True,)
+        if len(attention) != n:
+            raise ValueError(f"`attention` needs one flag per level ({n}), got {len(attention)}.")
+        self.in_channels, self.out_channels = in_channels, out_channels or in_channels
+        self.block_channels, self.dtype, self.dropout_rate = block_channels, dtype, dropout
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        norm = dict(groups=num_groups, eps=norm_eps)
+        c0, temb = block_channels[0], 4 * block_channels[0]
+
+        self.conv_in = _conv(in_channels, c0, **kw)
+        self.time_linear_1 = nnx.Linear(c0, temb, param_dtype=param_dtype, kernel_init=_INIT, rngs=rngs)
+        self.time_linear_2 = nnx.Linear(temb, temb, param_dtype=param_dtype, kernel_init=_INIT, rngs=rngs)
+
+        res = lambda cin, cout: ResnetBlock(cin, cout, temb, dropout=dropout, **norm, **kw)
+        attn = lambda c: SelfAttention(c, attention_head_dim, **norm, **kw)
+        skips, down, cin = [c0], [], c0
+        for level, cout in enumerate(block_channels):
+            resnets, attns = [], []
+            for _ in range(layers_per_block):
+                resnets.append(res(cin, cout))
+                attns.append(attn(cout) if attention[level] else None)
+                cin = cout
+                skips.append(cout)
+            last = level == n - 1
+            down.append(_Level(resnets, [a for a in attns if a] or None, None if last else _conv(cout, cout, 3, 2, **kw)))
+            if not last:
+                skips.append(cout)
+        self.down_blocks = nnx.List(down)
+
+        self.mid_resnet_1 = res(cin, cin)
+        self.mid_attention = attn(cin) if mid_attention else None
+        self.mid_resnet_2 = res(cin, cin)
+
+        up = []
+        for i, cout in enumerate(reversed(block_channels)):
+            level = n - 1 - i
+            resnets = []
+            for _ in range(layers_per_block + 1):
+                resnets.append(res(cin + skips.pop(), cout))
+                cin = cout
+            attns = [attn(cout) for _ in resnets] if attention[level] else None
+            up.append(_Level(resnets, attns, _conv(cout, cout, **kw) if level > 0 else None))
+        self.up_blocks = nnx.List(up)
+
+        self.conv_norm_out = _GroupNorm(block_channels[0], num_groups, norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.conv_out = _conv(block_channels[0], self.out_channels, **kw)
+
+    def __call__(self, x, t, *, train: bool = False, rngs: nnx.Rngs | None = None):
+        if x.ndim != 4 or x.shape[-1] != self.in_channels:
+            raise ValueError(f"`x` must have shape (B, H, W, {self.in_channels}) (channels last), got {x.shape}.")
+        factor = 2 ** (len(self.block_channels) - 1)
+        if x.shape[1] % factor or x.shape[2] % factor:
+            raise ValueError(f"The spatial size {x.shape[1:3]} must be divisible by {factor} to halve "
+                             f"{len(self.block_channels) - 1} times (block_channels={self.block_channels}).")
+        b = x.shape[0]
+        drop = dict(deterministic=not train or self.dropout_rate == 0, rngs=rngs)
+        if not drop["deterministic"] and rngs is None:
+            raise ValueError("Training with dropout > 0 needs `rngs` (e.g. nnx.Rngs(dropout=key)).")
+        t_freq = timestep_embedding(jnp.broadcast_to(t, (b,)), self.block_channels[0])
+        temb = self.time_linear_2(nnx.silu(self.time_linear_1(t_freq)))
+
+        h = self.conv_in(x.astype(self.dtype or x.dtype))
+        skips = [h]
+        for level in self.down_blocks:
+            for j, resnet in enumerate(level.resnets):
+                h = resnet(h, temb, **drop)
+                if level.attentions is not None:
+                    h = level.attentions[j](h)
+                skips.append(h)
+            if level.resample is not None:
+                h = level.resample(h)
+                skips.append(h)
+
+        h = self.mid_resnet_1(h, temb, **drop)
+        if self.mid_attention is not None:
+            h = self.mid_attention(h)
+        h = self.mid_resnet_2(h, temb, **drop)
+
+        for level in self.up_blocks:
+            for j, resnet in enumerate(level.resnets):
+                h = resnet(jnp.concatenate([h, skips.pop()], axis=-1), temb, **drop)
+                if level.attentions is not None:
+                    h = level.attentions[j](h)
+            if level.resample is not None:
+                h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest-neighbour 2x
+                h = level.resample(h)
+
+        h = self.conv_out(nnx.silu(self.conv_norm_out(h)))
+        return h.astype(jnp.float32)
