@@ -143,7 +143,8 @@ def test_loader_errors(peer, tmp_path):
 
     tensors = load_file(os.path.join(path, "diffusion_pytorch_model.safetensors"))
     bad = dict(tensors, **{"proj_out_2.weight": tensors["proj_out_2.weight"][:-1]})
-    with pytest.raises(ValueError, match=r"'proj_out_2.weight'.*checkpoint shape \(31, 32\).*\(32, 31\) in the Flax layout.*expects \(32, 32\)"):
+    expected = r"'proj_out_2.weight'.*checkpoint shape \(31, 32\).*\(32, 31\) in the Flax layout.*expects \(32, 32\)"
+    with pytest.raises(ValueError, match=expected):
         dit_from_diffusers(config, bad)
     with pytest.raises(ValueError, match="extra.weight"):
         dit_from_diffusers(config, dict(tensors, **{"extra.weight": np.zeros(3)}))

@@ -133,9 +133,13 @@ class Attention(nnx.Module):
     def __call__(self, x):
         b, n, c = x.shape
         h = self.num_heads
-        qkv = self.qkv(x).reshape(b, n, 3, h, c // h)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (b, n, h, c/h)
-        out = jax.nn.dot_product_attention(q, k, v)
+        qkv = self.qkv(x).reshape(b, n, 3, h, c // h).transpose(2, 0, 3, 1, 4)  # (3, b, h, n, c/h)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        # head-major batched matmuls: on XLA:CPU 2.6x faster forward and 1.5x faster backward than
+        # jax.nn.dot_product_attention's (b, n, h, d) layout at DiT-S/2 sizes (benchmarks/README.md)
+        scores = (q * (1.0 / math.sqrt(c // h))) @ k.swapaxes(-1, -2)
+        weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+        out = (weights @ v).transpose(0, 2, 1, 3)  # (b, n, h, c/h)
         return self.proj(out.reshape(b, n, c))
 
 

@@ -31,7 +31,6 @@ from flax import nnx
 
 from .dit import timestep_embedding
 
-
 _INIT = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # PyTorch's default: U(+-1/sqrt(fan_in))
 
 
