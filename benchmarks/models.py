@@ -16,21 +16,31 @@ forward FLOPs per image come from XLA's cost analysis (ours) and `torch.utils.fl
 peak uses a float32 4096^3 `jnp.matmul` measured in the same process. PyTorch runs with 2
 threads; the U-Net peer is timed in its faster memory format (channels_last or contiguous).
 
-    python benchmarks/models.py [--repeats 5] [--only unet|dit]
+    python benchmarks/models.py [--repeats 5] [--only unet|dit] [--ynn]
+
+`--ynn` sets `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_dot` before JAX
+starts: XLA:CPU then hands dot-like work to YNNPACK, which on this CPU speeds up the U-Net's
+convolution gradients (1.9x on one 64-channel 3x3 convolution at batch 128).
 """
 
-import argparse
-import statistics
-import time
+import os
+import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-import torch
-from flax import nnx
+if "--ynn" in sys.argv:  # must happen before JAX initialises its CPU backend
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=individual_dot").strip()
 
-import coupled_diffusion as cd
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import coupled_diffusion as cd  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -197,9 +207,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", choices=["unet", "dit"])
+    parser.add_argument("--ynn", action="store_true", help="YNNPACK for dot-like XLA:CPU work (set before JAX starts)")
     args = parser.parse_args()
     peak = matmul_peak()
-    print(f"devices: {jax.devices()}  torch threads: {torch.get_num_threads()}")
+    print(f"devices: {jax.devices()}  torch threads: {torch.get_num_threads()}  XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print(f"float32 matmul peak (4096^3 jnp.matmul): {peak / 1e9:.0f} GFLOP/s")
     if args.only in (None, "unet"):
         bench_unet(args.repeats, peak)

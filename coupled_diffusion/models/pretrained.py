@@ -40,8 +40,9 @@ from .dit import DIT_CONFIGS, DiT, sincos_pos_embed
 _DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 
 
-def _linear(w):
-    return np.asarray(w).T
+def _linear(w):  # PyTorch (out, in) -> Flax (in, out); a 1x1 convolution (out, in, 1, 1) becomes a dense kernel
+    w = np.asarray(w)
+    return w.reshape(w.shape[0], -1).T
 
 
 def _conv(w):  # PyTorch (O, I, kh, kw) -> Flax (kh, kw, I, O)

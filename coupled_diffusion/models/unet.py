@@ -62,7 +62,8 @@ class ResnetBlock(nnx.Module):
         self.norm2 = _GroupNorm(cout, groups, eps, param_dtype=param_dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout)  # its key comes with the call, so the model holds no RNG state
         self.conv2 = _conv(cout, cout, **kw)
-        self.conv_shortcut = _conv(cin, cout, 1, **kw) if cin != cout else None
+        # a 1x1 convolution is a matmul over channels; as nnx.Linear it avoids XLA:CPU's slow 1x1-conv gradients
+        self.conv_shortcut = nnx.Linear(cin, cout, kernel_init=_INIT, **kw) if cin != cout else None
 
     def __call__(self, x, temb, *, deterministic: bool = True, rngs=None):
         h = self.conv1(nnx.silu(self.norm1(x)))
