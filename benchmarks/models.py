@@ -10,13 +10,14 @@ Workloads (issue 5):
   and label embedders in every block, hence its larger parameter count; the compute is the same).
 
 For each: a training step (forward, eps-MSE loss, backward, AdamW update; images/s) and an
-inference forward (images/s), median of `--repeats` runs after warm-up (in blocks, see `median_times`). The
+inference forward (images/s): the median of 3 rounds x `--repeats` runs, timed in alternating blocks
+(see `median_times`). The
 forward FLOPs per image come from XLA's cost analysis (ours) and `torch.utils.flop_counter`
 (peer); a training step is counted as 3x the forward. The fraction of this machine's matmul
 peak uses a float32 4096^3 `jnp.matmul` measured in the same process. PyTorch runs with 2
 threads; the U-Net peer is timed in its faster memory format (channels_last or contiguous).
 
-    python benchmarks/models.py [--repeats 5] [--only unet|dit] [--ynn]
+    python benchmarks/models.py [--repeats 3] [--only unet|dit] [--ynn]
 
 `--ynn` sets `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_dot` before JAX
 starts: XLA:CPU then hands dot-like work to YNNPACK, which on this CPU speeds up the U-Net's
@@ -45,24 +46,27 @@ import coupled_diffusion as cd  # noqa: E402
 torch.set_num_threads(2)
 
 
-def median_times(fns: dict, repeats: int) -> dict:
-    """Median wall time of each callable, timed in blocks (warm-up, then `repeats` runs in a row).
+def median_times(fns: dict, repeats: int, rounds: int = 3) -> dict:
+    """Median wall time of each callable over `rounds` rounds of blocks.
 
-    Not interleaved: XLA's and PyTorch's CPU thread pools keep spinning for a while after a
-    call returns, so alternating the two makes each slow the other down (measured: the PyTorch
-    U-Net step ran at 21 img/s interleaved with JAX calls against 97 img/s on its own).
+    Each block is one untimed call then `repeats` timed calls of one contender, and the rounds
+    alternate the contenders. Blocks, because XLA's and PyTorch's CPU thread pools keep
+    spinning for a while after a call returns, so alternating single calls makes each slow the
+    other (measured: the PyTorch U-Net step at 21 img/s interleaved call by call with JAX,
+    97 img/s on its own); rounds, because this machine's speed drifts by tens of percent over
+    minutes and both contenders should see the same drift.
     """
-    out = {}
-    for name, fn in fns.items():
-        fn()
-        fn()
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
+    for fn in fns.values():
+        fn()  # compile / warm up
+    ts = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
             fn()
-            ts.append(time.perf_counter() - t0)
-        out[name] = statistics.median(ts)
-    return out
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                ts[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in ts.items()}
 
 
 def matmul_peak() -> float:
@@ -172,7 +176,7 @@ def bench_unet(repeats, peak):
     best = None
     for cl in (False, True):
         p_train, p_fwd, p_flops = torch_contender(diffusers.UNet2DModel(**config), tb, labels=False, channels_last=cl)
-        tt = median_times({"train": p_train}, max(2, repeats // 2))["train"]
+        tt = median_times({"train": p_train}, 2, rounds=1)["train"]
         print(f"torch U-Net train step, channels_last={cl}: {b / tt:.1f} img/s")
         if best is None or tt < best[0]:
             best = (tt, p_train, p_fwd, p_flops)
@@ -205,7 +209,7 @@ def bench_dit(repeats, peak):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", choices=["unet", "dit"])
     parser.add_argument("--ynn", action="store_true", help="YNNPACK for dot-like XLA:CPU work (set before JAX starts)")
     args = parser.parse_args()
