@@ -160,12 +160,11 @@ def test_loader_errors(peer, tmp_path):
         dit_from_diffusers(dict(config, norm_type="ada_norm"), tensors)
 
 
-def _unet_peer(tmp_path, **kw):
+def _unet_peer(tmp_path):
     torch.manual_seed(3)
     config = dict(sample_size=28, in_channels=2, out_channels=2, block_out_channels=(16, 32, 32), layers_per_block=1,
                   down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
                   up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=8)
-    config.update(kw)
     model = diffusers.UNet2DModel(**config)
     with torch.no_grad():  # perturb every weight (diffusers starts biases at zero and norms at one)
         for p in model.parameters():

@@ -73,9 +73,9 @@ class _Mapping:
     def add_fused(self, path: tuple, keys: list[str], transform=_linear, axis: int = -1):
         self.entries[path] = ("+".join(keys), lambda: np.concatenate([transform(self.get(k)) for k in keys], axis=axis))
 
-    def build(self, model: nnx.Module, which=...) -> nnx.Module:
-        """Fill the variables of `model` selected by the NNX filter `which` (the rest are kept as they are)."""
-        graphdef, state, rest = nnx.split(model, which, ...)
+    def build(self, abstract: nnx.Module) -> nnx.Module:
+        """A concrete copy of the abstract (`nnx.eval_shape`) model with every variable filled from the checkpoint."""
+        graphdef, state = nnx.split(abstract)
         flat = nnx.to_flat_state(state)
         leaves = []
         for path, var in flat:
@@ -93,8 +93,9 @@ class _Mapping:
         unknown = sorted(set(self.tensors) - self.used)
         if unknown:
             shown = ", ".join(repr(k) for k in unknown[:8]) + (" ..." if len(unknown) > 8 else "")
-            raise ValueError(f"{len(unknown)} {self.source} checkpoint key(s) have no place in the DiT: {shown}.")
-        return nnx.merge(graphdef, nnx.from_flat_state(leaves), rest)
+            raise ValueError(f"{len(unknown)} {self.source} checkpoint key(s) have no place in the "
+                             f"{type(abstract).__name__}: {shown}.")
+        return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
 def _block_entries(m: _Mapping, i: int, names: dict[str, str]):
@@ -109,20 +110,37 @@ def _abstract_dit(**kwargs) -> DiT:
     return nnx.eval_shape(lambda: DiT(**kwargs, rngs=nnx.Rngs(0)))
 
 
-def _with_pos_embed(m: _Mapping, hidden: int, grid: int):
+def _with_pos_embed(m: _Mapping, hidden: int, grid: int) -> np.ndarray:
+    """The DiT's fixed position table is computed, not read (diffusers does not save it); returned for checks."""
     table = sincos_pos_embed(hidden, grid)
     m.entries[("pos_embed",)] = ("<fixed sin-cos>", lambda: table)
+    return table
 
 
 # ----------------------------------------------------------------------------------------------------- diffusers
 
 
-def _diffusers_files(path: str, variant: str | None) -> tuple[str, list[str]]:
+def _read_diffusers(path: str | os.PathLike, variant: str | None, subfolder: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """`config.json` and the safetensors weights of a diffusers model folder (or of `subfolder` in a pipeline folder)."""
+    from safetensors.numpy import load_file
+
+    config_file, files = _diffusers_files(os.fspath(path), variant, subfolder)
+    with open(config_file) as f:
+        config = json.load(f)
+    tensors = {}
+    for file in files:
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"Weight shard {file!r}, listed in the index, is missing.")
+        tensors.update(load_file(file))
+    return config, tensors
+
+
+def _diffusers_files(path: str, variant: str | None, subfolder: str) -> tuple[str, list[str]]:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"No diffusers model directory at {path!r}. Pass the local folder holding config.json and "
                                 f"{_DIFFUSERS_WEIGHTS}.safetensors (as written by `save_pretrained`); nothing is downloaded.")
-    if not os.path.exists(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "transformer")):
-        path = os.path.join(path, "transformer")  # a DiTPipeline folder
+    if not os.path.exists(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, subfolder)):
+        path = os.path.join(path, subfolder)  # a pipeline folder
     config = os.path.join(path, "config.json")
     if not os.path.exists(config):
         raise FileNotFoundError(f"{config!r} is missing: a diffusers model folder has config.json next to its weights.")
@@ -208,16 +226,7 @@ def load_dit_diffusers(path: str | os.PathLike, *, variant: str | None = None, *
     `param_dtype`. `overrides` are passed on to `DiT` (e.g. `dtype=jnp.bfloat16`, or
     `timestep_freq_shift=0.0` to use the reference code's timestep frequencies).
     """
-    from safetensors.numpy import load_file
-
-    config_file, files = _diffusers_files(os.fspath(path), variant)
-    with open(config_file) as f:
-        config = json.load(f)
-    tensors = {}
-    for file in files:
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"Weight shard {file!r}, listed in the index, is missing.")
-        tensors.update(load_file(file))
+    config, tensors = _read_diffusers(path, variant, "transformer")
     return dit_from_diffusers(config, tensors, **overrides)
 
 
@@ -262,13 +271,12 @@ def dit_from_official(state_dict: Mapping[str, np.ndarray], *, num_heads: int | 
     m = _Mapping(sd, "official DiT")
     m.add(("x_embedder", "kernel"), "x_embedder.proj.weight", _conv)
     m.add(("x_embedder", "bias"), "x_embedder.proj.bias")
-    table = sincos_pos_embed(hidden, kwargs["input_size"] // kwargs["patch_size"])
-    if "pos_embed" in sd:
+    table = _with_pos_embed(m, hidden, kwargs["input_size"] // kwargs["patch_size"])
+    if "pos_embed" in sd:  # stored (as a frozen parameter) by the reference code: it must be the same table
         stored = np.asarray(m.get("pos_embed"), np.float32).reshape(-1, hidden)
         if stored.shape != table.shape or not np.allclose(stored, table, atol=1e-4):
             raise ValueError(f"The checkpoint's fixed 'pos_embed' {stored.shape} is not the 2-D sin-cos table for a "
                              f"{kwargs['input_size']}x{kwargs['input_size']} input with patch {kwargs['patch_size']}.")
-    m.entries[("pos_embed",)] = ("pos_embed", lambda: table)
     for ours, theirs in {"linear_1": "mlp.0", "linear_2": "mlp.2"}.items():
         m.add(("t_embedder", ours, "kernel"), f"t_embedder.{theirs}.weight", _linear)
         m.add(("t_embedder", ours, "bias"), f"t_embedder.{theirs}.bias")
@@ -379,15 +387,5 @@ def load_unet_diffusers(path: str | os.PathLike, *, variant: str | None = None, 
 
     Reads `config.json` and the safetensors weights without torch; `overrides` go to `UNet`.
     """
-    from safetensors.numpy import load_file
-
-    path = os.fspath(path)
-    if os.path.isdir(os.path.join(path, "unet")) and not os.path.exists(os.path.join(path, "config.json")):
-        path = os.path.join(path, "unet")
-    config_file, files = _diffusers_files(path, variant)
-    with open(config_file) as f:
-        config = json.load(f)
-    tensors = {}
-    for file in files:
-        tensors.update(load_file(file))
+    config, tensors = _read_diffusers(path, variant, "unet")
     return unet_from_diffusers(config, tensors, **overrides)
