@@ -17,7 +17,14 @@ forward FLOPs per image come from XLA's cost analysis (ours) and `torch.utils.fl
 peak uses a float32 4096^3 `jnp.matmul` measured in the same process. PyTorch runs with 2
 threads; the U-Net peer is timed in its faster memory format (channels_last or contiguous).
 
-    python benchmarks/models.py [--repeats 3] [--only unet|dit] [--ynn]
+    python benchmarks/models.py [--repeats 3] [--only unet|dit] [--ynn] [--bf16] [--batch-mult N]
+
+On a GPU both frameworks run there (PyTorch on `cuda`, JAX on its default device), each call
+is synchronised before the clock stops, and TF32 is allowed on both sides for float32 matmuls
+and convolutions (JAX's default precision; `torch.backends.*.allow_tf32 = True`), so the
+float32 rows compare like with like. `--bf16` times bfloat16 compute with float32 parameters
+on both sides (ours: `dtype=jnp.bfloat16`; PyTorch: `torch.autocast`). `--batch-mult` scales
+both batches (the issue's sizes are small for a GPU).
 
 `--ynn` sets `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_dot` before JAX
 starts: XLA:CPU then hands dot-like work to YNNPACK, which on this CPU speeds up the U-Net's
@@ -31,6 +38,7 @@ if "--ynn" in sys.argv:  # must happen before JAX initialises its CPU backend
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=individual_dot").strip()
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
@@ -44,6 +52,16 @@ from flax import nnx  # noqa: E402
 import coupled_diffusion as cd  # noqa: E402
 
 torch.set_num_threads(2)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def median_times(fns: dict, repeats: int, rounds: int = 3) -> dict:
@@ -69,12 +87,13 @@ def median_times(fns: dict, repeats: int, rounds: int = 3) -> dict:
     return {name: statistics.median(v) for name, v in ts.items()}
 
 
-def matmul_peak() -> float:
-    a = jnp.ones((4096, 4096), jnp.float32)
+def matmul_peak(dtype=jnp.float32) -> float:
+    n = 8192 if jax.default_backend() == "gpu" else 4096
+    a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
     t = min(_time(lambda: f(a).block_until_ready()) for _ in range(3))
-    return 2 * 4096**3 / t
+    return 2 * n**3 / t
 
 
 def _time(fn):
@@ -84,32 +103,51 @@ def _time(fn):
 
 
 def jax_contender(model, batch, *, labels: bool):
-    """Jitted train step (AdamW) and forward for an NNX model; returns callables and forward FLOPs per image."""
+    """Jitted train step (AdamW) and forward for an NNX model; returns callables and forward FLOPs per image.
+
+    The steps are plain `jax.jit` functions of the split state (`nnx.split` once, `nnx.merge`
+    inside the trace), so a call costs no Python traversal of the module graph; with
+    `nnx.jit` that traversal is a fixed cost per call which shows on a GPU at small batches.
+    """
     x, t, y, eps = batch
     optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
     call = (lambda m, x, t, y: m(x, t, y)) if labels else (lambda m, x, t, y: m(x, t))
+    graphdef, state = nnx.split((model, optimizer))
 
     def loss_fn(m, x, t, y, eps):
         out = call(m, x, t, y)
-        return jnp.mean((out[..., : eps.shape[-1]] - eps) ** 2)
+        return jnp.mean((out[..., : eps.shape[-1]].astype(jnp.float32) - eps) ** 2)
 
-    @nnx.jit(donate_argnums=(0, 1))
-    def train_step(m, opt, x, t, y, eps):
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_step(state, x, t, y, eps):
+        m, opt = nnx.merge(graphdef, state)
         loss, grads = nnx.value_and_grad(loss_fn)(m, x, t, y, eps)
         opt.update(m, grads)
-        return loss
+        return nnx.state((m, opt)), loss
 
-    forward = nnx.jit(call)
-    graphdef, state = nnx.split(model)
-    lowered = jax.jit(lambda s, x, t, y: call(nnx.merge(graphdef, s), x, t, y)).lower(state, x, t, y)
-    cost = lowered.compile().cost_analysis()
+    @jax.jit
+    def forward(state, x, t, y):
+        m, _ = nnx.merge(graphdef, state)
+        return call(m, x, t, y)
+
+    # FLOPs from XLA:CPU's cost analysis of the forward, also on a GPU machine (there the compiled
+    # module's analysis leaves out the convolutions and matmuls handed to cuDNN / cuBLAS).
+    cpu_args = jax.device_put((state, x, t, y), jax.devices("cpu")[0])
+    cost = forward.lower(*cpu_args).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost["flops"]) / x.shape[0]
-    return (lambda: train_step(model, optimizer, x, t, y, eps).block_until_ready(),
-            lambda: forward(model, x, t, y).block_until_ready(), flops)
+    box = [state]
+
+    def train():
+        box[0], loss = train_step(box[0], x, t, y, eps)
+        loss.block_until_ready()
+
+    return train, lambda: forward(box[0], x, t, y).block_until_ready(), flops
 
 
-def torch_contender(model, batch, *, labels: bool, channels_last: bool = False):
+def torch_contender(model, batch, *, labels: bool, channels_last: bool = False, bf16: bool = False):
+    batch = tuple(None if v is None else v.to(DEVICE) for v in batch)
+    model = model.to(DEVICE)
     x, t, y, eps = batch
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -117,18 +155,24 @@ def torch_contender(model, batch, *, labels: bool, channels_last: bool = False):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     kw = dict(class_labels=y) if labels else {}
 
+    def autocast():
+        return torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=bf16)
+
     def train_step():
         model.train()
         opt.zero_grad(set_to_none=True)
-        out = model(x, t, **kw).sample
-        loss = torch.mean((out[:, : eps.shape[1]] - eps) ** 2)
+        with autocast():
+            out = model(x, t, **kw).sample
+        loss = torch.mean((out[:, : eps.shape[1]].float() - eps) ** 2)
         loss.backward()
         opt.step()
+        _sync()
 
     def forward():
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             model(x, t, **kw)
+        _sync()
 
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -154,10 +198,10 @@ def report(name, batch, times, flops, params, peak):
               f"  ratio {a / b:.2f}x")
 
 
-def bench_unet(repeats, peak):
+def bench_unet(repeats, peak, *, bf16=False, batch_mult=1):
     import diffusers
 
-    b, size, ch = 128, 28, 2
+    b, size, ch = 128 * batch_mult, 28, 2
     rng = np.random.default_rng(0)
     x = rng.standard_normal((b, size, size, ch), np.float32)
     eps = rng.standard_normal((b, size, size, ch), np.float32)
@@ -167,7 +211,7 @@ def bench_unet(repeats, peak):
                   up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=8, attention_head_dim=8)
     peer = diffusers.UNet2DModel(**config)
     ours = cd.UNet(in_channels=ch, block_channels=(32, 64, 64), layers_per_block=1, attention=(False, False, True),
-                   num_groups=8, attention_head_dim=8, rngs=nnx.Rngs(0))
+                   num_groups=8, attention_head_dim=8, dtype=jnp.bfloat16 if bf16 else None, rngs=nnx.Rngs(0))
     params = (count(ours), sum(p.numel() for p in peer.parameters()))
     jb = (jnp.asarray(x), jnp.asarray(t), None, jnp.asarray(eps))
     tb = (torch.tensor(x.transpose(0, 3, 1, 2)).contiguous(), torch.tensor(t), None,
@@ -175,36 +219,37 @@ def bench_unet(repeats, peak):
     o_train, o_fwd, o_flops = jax_contender(ours, jb, labels=False)
     best = None
     for cl in (False, True):
-        p_train, p_fwd, p_flops = torch_contender(diffusers.UNet2DModel(**config), tb, labels=False, channels_last=cl)
+        p_train, p_fwd, p_flops = torch_contender(diffusers.UNet2DModel(**config), tb, labels=False, channels_last=cl, bf16=bf16)
         tt = median_times({"train": p_train}, 2, rounds=1)["train"]
         print(f"torch U-Net train step, channels_last={cl}: {b / tt:.1f} img/s")
         if best is None or tt < best[0]:
             best = (tt, p_train, p_fwd, p_flops)
     times = median_times({"ours train": o_train, "torch train": best[1], "ours forward": o_fwd, "torch forward": best[2]},
                          repeats)
-    report("U-Net, 2 x 28 x 28, batch 128", b, times, (o_flops, best[3]), params, peak)
+    report(f"U-Net, 2 x 28 x 28, batch {b}", b, times, (o_flops, best[3]), params, peak)
 
 
-def bench_dit(repeats, peak):
+def bench_dit(repeats, peak, *, bf16=False, batch_mult=1):
     import diffusers
 
-    b, size, ch = 32, 32, 4
+    b, size, ch = 32 * batch_mult, 32, 4
     rng = np.random.default_rng(0)
     x = rng.standard_normal((b, size, size, ch), np.float32)
     eps = rng.standard_normal((b, size, size, ch), np.float32)
     t, y = rng.integers(0, 1000, b), rng.integers(0, 1000, b)
     peer = diffusers.DiTTransformer2DModel(num_attention_heads=6, attention_head_dim=64, in_channels=ch, out_channels=2 * ch,
                                            num_layers=12, sample_size=size, patch_size=2, num_embeds_ada_norm=1000)
-    ours = cd.DiT.from_config("DiT-S/2", input_size=size, in_channels=ch, num_classes=1000, rngs=nnx.Rngs(0))
+    ours = cd.DiT.from_config("DiT-S/2", input_size=size, in_channels=ch, num_classes=1000,
+                              dtype=jnp.bfloat16 if bf16 else None, rngs=nnx.Rngs(0))
     params = (count(ours), sum(p.numel() for p in peer.parameters()))
     jb = (jnp.asarray(x), jnp.asarray(t), jnp.asarray(y), jnp.asarray(eps))
     tb = (torch.tensor(x.transpose(0, 3, 1, 2)).contiguous(), torch.tensor(t), torch.tensor(y),
           torch.tensor(eps.transpose(0, 3, 1, 2)).contiguous())
     o_train, o_fwd, o_flops = jax_contender(ours, jb, labels=True)
-    p_train, p_fwd, p_flops = torch_contender(peer, tb, labels=True)
+    p_train, p_fwd, p_flops = torch_contender(peer, tb, labels=True, bf16=bf16)
     times = median_times({"ours train": o_train, "torch train": p_train, "ours forward": o_fwd, "torch forward": p_fwd},
                          repeats)
-    report("DiT-S/2, 32 x 32 x 4 latents, batch 32", b, times, (o_flops, p_flops), params, peak)
+    report(f"DiT-S/2, 32 x 32 x 4 latents, batch {b}", b, times, (o_flops, p_flops), params, peak)
 
 
 def main():
@@ -212,14 +257,19 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", choices=["unet", "dit"])
     parser.add_argument("--ynn", action="store_true", help="YNNPACK for dot-like XLA:CPU work (set before JAX starts)")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 parameters, on both sides")
+    parser.add_argument("--batch-mult", type=int, default=1, help="multiply both batch sizes (for GPUs)")
     args = parser.parse_args()
-    peak = matmul_peak()
-    print(f"devices: {jax.devices()}  torch threads: {torch.get_num_threads()}  XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-    print(f"float32 matmul peak (4096^3 jnp.matmul): {peak / 1e9:.0f} GFLOP/s")
+    peak_dtype = jnp.bfloat16 if args.bf16 else jnp.float32
+    peak = matmul_peak(peak_dtype)
+    print(f"devices: {jax.devices()}  torch: {DEVICE}, {torch.get_num_threads()} threads  "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print(f"{jnp.dtype(peak_dtype).name} matmul peak (square jnp.matmul): {peak / 1e9:.0f} GFLOP/s")
+    kw = dict(bf16=args.bf16, batch_mult=args.batch_mult)
     if args.only in (None, "unet"):
-        bench_unet(args.repeats, peak)
+        bench_unet(args.repeats, peak, **kw)
     if args.only in (None, "dit"):
-        bench_dit(args.repeats, peak)
+        bench_dit(args.repeats, peak, **kw)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,25 @@
 
 from ._results import RESULTS as RESULTS
 from ._results import Solution as Solution
+from .data.mnist import load_mnist as load_mnist
+from .data.pairing import PairedMNIST as PairedMNIST
+from .data.pairing import class_disjoint_permutation as class_disjoint_permutation
+from .data.transforms import TRANSFORMS as TRANSFORMS
+from .diffusion.noise import ModeNoise as ModeNoise
+from .diffusion.noise import VPSchedule as VPSchedule
+from .diffusion.noise import add_noise as add_noise
+from .diffusion.noise import eps_loss as eps_loss
+from .diffusion.noise import predict_x0 as predict_x0
+from .diffusion.samplers import Intervention as Intervention
+from .diffusion.samplers import NNXEps as NNXEps
+from .diffusion.samplers import SampleResult as SampleResult
+from .diffusion.samplers import ddim_step as ddim_step
+from .diffusion.samplers import ddpm_step as ddpm_step
+from .diffusion.samplers import sample as sample
+from .diffusion.train import TrainConfig as TrainConfig
+from .diffusion.train import TrainResult as TrainResult
+from .diffusion.train import load_run as load_run
+from .diffusion.train import train as train
 from .experiments.conditional import ConditionalTrials as ConditionalTrials
 from .experiments.conditional import compare_schedules as compare_schedules
 from .experiments.conditional import trial_metrics as trial_metrics

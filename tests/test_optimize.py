@@ -120,6 +120,7 @@ def test_optimize_errors(tmp_path):
         cd.optimize_schedule(lambda s, k: s.g0**2, Constant(0.1), steps=2, checkpoint_dir=str(d), progress=False)
 
 
+@pytest.mark.slow  # ~50-60 s of compilation on 2 CPU cores; run with -m slow
 def test_optimize_schedule_command_runs_small(tmp_path):
     import json
     import subprocess

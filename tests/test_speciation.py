@@ -198,7 +198,7 @@ def test_invalid_parameters_name_the_parameter():
         cd.TwoClassMixture.from_angle(1.0, 1.0, np.inf)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(
     g=st.floats(-0.9, 0.9), s2=st.floats(0.1, 1.0), th=st.floats(0.0, np.pi), mx2=st.floats(0.05, 3.0), my2=st.floats(0.05, 3.0)
 )

@@ -78,7 +78,7 @@ class SeriesCoefficients(eqx.Module):
         return cls(stack(eye, A), stack(eye * sigma_w2, B))
 
     def __call__(self, tau) -> tuple[Mat, Mat]:
-        """$(E(\tau), Q(\tau))$; accurate to working precision for $\|M\|_\infty |\tau| \le 1/2$."""
+        r"""$(E(\tau), Q(\tau))$; accurate to working precision for $\|M\|_\infty |\tau| \le 1/2$."""
         n = jax.tree.leaves(self.A)[0].shape[0]
         term = lambda X, i: jax.tree.map(lambda x: x[i], X)
         E, Q = term(self.A, n - 1), term(self.B, n - 1)

@@ -1,0 +1,1 @@
+"""Discrete VP diffusion on learned scores: schedules, mode-shaped noise, samplers, training."""

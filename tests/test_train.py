@@ -1,0 +1,159 @@
+"""The training loop: exact resume after an interruption, non-finite stops, checkpoints, the CLI."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import coupled_diffusion as cd
+from coupled_diffusion.diffusion.train import TrainConfig, load_run, train
+
+
+def _data(n=40, nan_at=None):
+    rng = np.random.default_rng(0)
+    x = np.zeros((n, 28, 28), np.float32)
+    for i in range(n):
+        r, c = rng.integers(4, 14, 2)
+        x[i, r:r + 10, c:c + 10] = rng.uniform(0.3, 1.0)
+    if nan_at is not None:
+        x[nan_at] = np.nan
+    return cd.PairedMNIST(x, np.arange(n) % 4, transform="dilate")
+
+
+TINY = TrainConfig(block_channels=(8, 16), attention=(False, True), num_groups=4, attention_head_dim=8, T=20,
+                   batch_size=8, steps=6, lr=3e-3, warmup_steps=2, log_every=1, ckpt_every=2, keep=2, g=0.4)
+
+
+def _leaves(model):
+    from flax import nnx
+
+    return [np.asarray(v) for v in jax.tree.leaves(nnx.state(model, nnx.Param))]
+
+
+def test_interrupted_run_resumes_exactly(tmp_path):
+    data = _data()
+    full = train(TINY, tmp_path / "a", data=data, progress=False)
+    assert full.step == 6 and [h["step"] for h in full.history] == [1, 2, 3, 4, 5, 6]
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(step, _):
+        if step == 5:  # dies after the step-4 checkpoint, mid-way to the next one
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(TINY, tmp_path / "b", data=data, progress=False, callback=kill_at_5)
+    resumed = train(TINY, tmp_path / "b", data=data, progress=False)  # picks up the step-4 checkpoint
+    assert resumed.step == 6
+    for a, b in zip(_leaves(full.model), _leaves(resumed.model), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(_leaves(full.ema_model), _leaves(resumed.ema_model), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal([h["loss"] for h in full.history], [h["loss"] for h in resumed.history])
+    logged = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6]  # the step-5 record of the killed run was dropped on resume
+    # the EMA is not the raw model, and training moved the loss
+    assert any(not np.array_equal(a, b) for a, b in zip(_leaves(full.model), _leaves(full.ema_model)))
+    # files: keep the last 2 checkpoints, metrics, loss curve, config; the checkpoint loads back
+    steps = sorted(int(p.name) for p in (tmp_path / "a" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [4, 6]
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6] and all(r["img_per_s"] > 0 for r in lines)
+    assert (tmp_path / "a" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    back = load_run(tmp_path / "a")
+    assert back.config == TINY and back.step == 6
+    for a, b in zip(_leaves(full.ema_model), _leaves(back.ema_model), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_stop_at_then_resume_equals_uninterrupted_and_config_is_checked(tmp_path):
+    data = _data()
+    cfg = TINY.__class__(**{**TINY.to_json(), "ckpt_every": 1})
+    full = train(cfg, tmp_path / "a", data=data, progress=False)
+    part = train(cfg, tmp_path / "b", data=data, progress=False, stop_at=3)  # a clean stop after step 3
+    assert part.step == 3
+    rest = train(cfg, tmp_path / "b", data=data, progress=False)
+    for a, b in zip(_leaves(full.model), _leaves(rest.model), strict=True):
+        np.testing.assert_array_equal(a, b)
+    other = cfg.__class__(**{**cfg.to_json(), "g": 0.1})
+    with pytest.raises(ValueError, match="different configuration.*'g'"):
+        train(other, tmp_path / "b", data=data, progress=False)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    data = _data(nan_at=7)
+    a, _ = data.epoch_indices(TINY.seed, 0)
+    bad_step = int(np.flatnonzero(a == 7)[0]) // TINY.batch_size  # the first batch holding the NaN image
+    cfg = TINY.__class__(**{**TINY.to_json(), "ckpt_every": 1})
+    with pytest.raises(FloatingPointError, match=f"non-finite loss or gradient at step {bad_step}"):
+        train(cfg, tmp_path / "r", data=data, progress=False)
+    if bad_step > 0:
+        good = load_run(tmp_path / "r")
+        assert good.step == bad_step
+        assert all(np.all(np.isfinite(x)) for x in _leaves(good.model))
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="`g`"):
+        train(TINY.__class__(**{**TINY.to_json(), "g": 1.0}), data=_data(), progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        train(TINY.__class__(**{**TINY.to_json(), "batch_size": 64}), data=_data(), progress=False)
+    with pytest.raises(ValueError, match="attention"):
+        TrainConfig(block_channels=(8, 16)).validate()
+
+
+def test_train_command_writes_a_run_and_samples(tmp_path):
+    from coupled_diffusion.cli import main
+
+    rng = np.random.default_rng(0)
+    x = np.zeros((48, 28, 28), np.float32)
+    x[:, 8:20, 10:18] = rng.uniform(0.2, 1, (48, 1, 1))
+    np.savez(tmp_path / "mini.npz", x_train=x, y_train=np.arange(48) % 3)
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), "--data", str(tmp_path / "mini.npz"), "--steps", "3", "--batch-size", "8",
+            "--channels", "8,16", "--T", "20", "--pairing", "ctrl", "--transform", "blur", "--samples", "2", "--quiet"]
+    assert main(args) == 0
+    for name in ("config.json", "metrics.jsonl", "loss.png", "samples.png"):
+        assert (out / name).stat().st_size > 0, name
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["block_channels"] == [8, 16] and cfg["attention"] == [False, True] and cfg["pairing"] == "ctrl"
+    assert load_run(out).step == 3
+    with pytest.raises(ValueError, match="different configuration"):
+        main(args[:5] + ["--steps", "4"] + args[7:])  # same run directory, another configuration
+
+
+def test_data_parallel_training_and_sampling_on_4_fake_devices_equal_one_device():
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys; sys.path.insert(0, "tests")
+        import jax, jax.numpy as jnp, numpy as np
+        from flax import nnx
+        import coupled_diffusion as cd
+        from coupled_diffusion.models.sharding import data_mesh, shard_batch
+        from test_train import TINY, _data, _leaves
+        assert len(jax.devices()) == 4
+        data = _data()
+        one = cd.train(TINY, data=data, progress=False, stop_at=3, mesh=data_mesh(jax.devices()[:1]))
+        four = cd.train(TINY, data=data, progress=False, stop_at=3, mesh=data_mesh())
+        for a, b in zip(_leaves(one.model), _leaves(four.model), strict=True):
+            np.testing.assert_allclose(a, b, rtol=2e-4, atol=5e-5)  # Adam amplifies reduction-order noise in near-zero gradients
+        sched, noise = cd.VPSchedule.linear(TINY.T), cd.ModeNoise.paired(TINY.g)
+        z = noise.sample(jax.random.key(0), (8, 28, 28, 2))
+        eps = cd.NNXEps(four.ema_model)
+        ref = cd.sample(eps, sched, noise, jax.random.key(1), z, method="ddpm", log_at=(10,))
+        zs = shard_batch(z, data_mesh())
+        out = cd.sample(eps, sched, noise, jax.random.key(1), zs, method="ddpm", log_at=(10,))
+        assert len(out.z0.sharding.device_set) == 4
+        np.testing.assert_allclose(out.z0, ref.z0, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(out.x0_log, ref.x0_log, rtol=1e-4, atol=1e-5)
+        print("ok")
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
