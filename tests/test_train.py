@@ -68,6 +68,7 @@ def test_interrupted_run_resumes_exactly(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # ~80 s on 2 cores; the kill-and-resume test covers exact resume by default
 def test_stop_at_then_resume_equals_uninterrupted_and_config_is_checked(tmp_path):
     data = _data()
     cfg = TINY.__class__(**{**TINY.to_json(), "ckpt_every": 1})
@@ -124,6 +125,7 @@ def test_train_command_writes_a_run_and_samples(tmp_path):
         main(args[:5] + ["--steps", "4"] + args[7:])  # same run directory, another configuration
 
 
+@pytest.mark.slow  # ~90 s (a subprocess with 4 fake devices); run with -m slow
 def test_data_parallel_training_and_sampling_on_4_fake_devices_equal_one_device():
     import os
     import subprocess
