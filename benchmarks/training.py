@@ -47,7 +47,7 @@ def torch_loop(data: cd.PairedMNIST, config: TrainConfig, channels_last: bool):
     X = torch.tensor(np.asarray(data.x), device=dev)
     TX = torch.tensor(np.asarray(data.tx), device=dev)
     n, B, T = len(data), config.batch_size, config.T
-    betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float32)
+    betas = torch.linspace(1e-4 * 1000 / T, min(0.02 * 1000 / T, 0.999), T, dtype=torch.float32)  # the scaled linear rule
     abar = torch.cumprod(1 - betas, 0).to(dev)
     model = diffusers.UNet2DModel(sample_size=28, in_channels=2, out_channels=2, block_out_channels=config.block_channels,
                                   layers_per_block=config.layers_per_block,

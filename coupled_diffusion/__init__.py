@@ -24,6 +24,12 @@ from .diffusion.train import train as train
 from .experiments.conditional import ConditionalTrials as ConditionalTrials
 from .experiments.conditional import compare_schedules as compare_schedules
 from .experiments.conditional import trial_metrics as trial_metrics
+from .experiments.mnist import PairClassifier as PairClassifier
+from .experiments.mnist import draw_samples as draw_samples
+from .experiments.mnist import evaluate_run as evaluate_run
+from .experiments.mnist import fit_pair_classifier as fit_pair_classifier
+from .experiments.mnist import pair_quality as pair_quality
+from .experiments.mnist import sample_grid as sample_grid
 from .models.dit import DIT_CONFIGS as DIT_CONFIGS
 from .models.dit import DiT as DiT
 from .models.pretrained import load_dit_diffusers as load_dit_diffusers

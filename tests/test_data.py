@@ -135,3 +135,31 @@ def test_bundled_mnist():
     assert x.shape == (10000, 28, 28) and y.shape == (10000,) and x.dtype == np.float32
     assert 0 <= x.min() and x.max() <= 1 and set(np.unique(y)) == set(range(10))
     assert 0.10 < x.mean() < 0.16  # MNIST's mean intensity, about 0.13
+
+
+def test_pair_classifier_recognises_real_pairs_and_not_noise():
+    import jax.numpy as jnp
+
+    import coupled_diffusion as cd
+
+    x, y = load_mnist("train")
+    clf = cd.fit_pair_classifier(PairedMNIST(x[:20000], y[:20000], transform="edge"), steps=1500)
+    xt, yt = load_mnist("test")
+    test = PairedMNIST(xt[:2000], yt[:2000], transform="edge")
+    idx = jnp.arange(2000)
+    q = cd.pair_quality(clf, test.batch(idx, idx, jax.random.key(0)))
+    assert np.mean(q["predicted"] == yt[:2000]) > 0.95  # held-out labels
+    assert q["recognisable"] > 0.85
+    f = np.bincount(yt[:2000], minlength=10) / 2000
+    assert abs(q["class_entropy"] - (-(f * np.log(f)).sum())) < 0.05  # the test labels' own class entropy
+    assert np.sum(q["histogram"]) == 2000 and q["rejected"] < 0.05
+    # negative controls: noise pairs, and pairs of two different digits (CTRL), are much less recognisable
+    noise = jnp.clip(jax.random.normal(jax.random.key(1), (500, 28, 28, 2)), -1, 1)
+    assert cd.pair_quality(clf, noise)["recognisable"] < q["recognisable"] - 0.5
+    ctrl = PairedMNIST(xt[:2000], yt[:2000], transform="edge", pairing="ctrl")
+    a, b = ctrl.epoch_indices(0, 0)
+    assert cd.pair_quality(clf, ctrl.batch(jnp.asarray(a), jnp.asarray(b), jax.random.key(2)))["rejected"] > 0.6
+    with pytest.raises(ValueError, match="`z`"):
+        cd.pair_quality(clf, noise[..., :1])
+    with pytest.raises(ValueError, match="pairing"):
+        cd.fit_pair_classifier(ctrl)

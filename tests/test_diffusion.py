@@ -20,7 +20,8 @@ def _nhwc(t):
 def test_schedule_arrays_equal_diffusers(kind, peer_kind):
     T = 200
     ours = cd.VPSchedule.named(kind, T)
-    peer = diffusers.DDPMScheduler(num_train_timesteps=T, beta_schedule=peer_kind)
+    scaled = dict(beta_start=1e-4 * 1000 / T, beta_end=0.02 * 1000 / T) if kind == "linear" else {}  # see below
+    peer = diffusers.DDPMScheduler(num_train_timesteps=T, beta_schedule=peer_kind, **scaled)
     np.testing.assert_allclose(ours.betas, peer.betas.numpy(), rtol=0, atol=1e-6)
     np.testing.assert_allclose(ours.alphas_cumprod, peer.alphas_cumprod.numpy(), rtol=0, atol=1e-6)
     var = np.array([float(peer._get_variance(t)) for t in range(1, T)])
@@ -103,6 +104,18 @@ def test_invalid_coupling_under_jit_is_a_runtime_error():
     np.testing.assert_allclose(f(0.3), [0.7, 1.3], rtol=1e-6)
     with pytest.raises(Exception, match="g"):
         f(1.2).block_until_ready()
+
+
+def test_linear_schedule_scales_with_T_and_ends_at_noise():
+    # Nichol & Dhariwal's rule (improved-diffusion `get_named_beta_schedule("linear")`): scale = 1000 / T
+    for T in (50, 200, 500):
+        ours = cd.VPSchedule.linear(T)
+        peer = diffusers.DDPMScheduler(num_train_timesteps=T, beta_start=1e-4 * 1000 / T, beta_end=0.02 * 1000 / T)
+        np.testing.assert_allclose(ours.alphas_cumprod, peer.alphas_cumprod.numpy(), rtol=0, atol=1e-6)
+        # the continuous-time VP SDE with beta(s) from 0.1 to 20 leaves exp(-(0.1 + 20) / 4) = 0.0066 of the signal
+        assert ours.terminal_signal < np.exp(-(0.1 + 20) / 4)
+    # the unscaled DDPM end points at T = 200 leave 37% of the signal (why they are not the default)
+    assert abs(cd.VPSchedule.linear(200, 1e-4, 0.02).terminal_signal - np.exp(-(200 * 0.01005) / 2)) < 0.01
 
 
 def test_schedule_errors():

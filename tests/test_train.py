@@ -114,7 +114,7 @@ def test_train_command_writes_a_run_and_samples(tmp_path):
     np.savez(tmp_path / "mini.npz", x_train=x, y_train=np.arange(48) % 3)
     out = tmp_path / "run"
     args = ["train", "--out", str(out), "--data", str(tmp_path / "mini.npz"), "--steps", "3", "--batch-size", "8",
-            "--channels", "8,16", "--T", "20", "--pairing", "ctrl", "--transform", "blur", "--samples", "2", "--quiet"]
+            "--channels", "8,16", "--T", "20", "--pairing", "ctrl", "--transform", "blur", "--samples", "2", "--eval", "0", "--quiet"]
     assert main(args) == 0
     for name in ("config.json", "metrics.jsonl", "loss.png", "samples.png"):
         assert (out / name).stat().st_size > 0, name
@@ -123,6 +123,14 @@ def test_train_command_writes_a_run_and_samples(tmp_path):
     assert load_run(out).step == 3
     with pytest.raises(ValueError, match="different configuration"):
         main(args[:5] + ["--steps", "4"] + args[7:])  # same run directory, another configuration
+
+
+def test_evaluate_run_scores_real_pairs_high_and_a_tiny_run_lower():
+    run = train(TINY, data=_data(), progress=False)  # trained on squares: its samples are no digits
+    q = cd.evaluate_run(run, 32, classifier_steps=400)
+    assert q["n"] == 32 and sum(q["real"]["histogram"]) == 32 == sum(q["samples"]["histogram"])
+    assert q["classifier_test_accuracy"] > 0.9 and q["real"]["recognisable"] > 0.75  # real MNIST test pairs
+    assert q["samples"]["recognisable"] < q["real"]["recognisable"] - 0.3
 
 
 @pytest.mark.slow  # ~90 s (a subprocess with 4 fake devices); run with -m slow
@@ -148,9 +156,9 @@ def test_data_parallel_training_and_sampling_on_4_fake_devices_equal_one_device(
         sched, noise = cd.VPSchedule.linear(TINY.T), cd.ModeNoise.paired(TINY.g)
         z = noise.sample(jax.random.key(0), (8, 28, 28, 2))
         eps = cd.NNXEps(four.ema_model)
-        ref = cd.sample(eps, sched, noise, jax.random.key(1), z, method="ddpm", log_at=(10,))
+        ref = cd.sample(eps, sched, noise, jax.random.key(1), z, method="ddpm", log_at=(10,), clip=1.0)
         zs = shard_batch(z, data_mesh())
-        out = cd.sample(eps, sched, noise, jax.random.key(1), zs, method="ddpm", log_at=(10,))
+        out = cd.sample(eps, sched, noise, jax.random.key(1), zs, method="ddpm", log_at=(10,), clip=1.0)
         assert len(out.z0.sharding.device_set) == 4
         np.testing.assert_allclose(out.z0, ref.z0, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(out.x0_log, ref.x0_log, rtol=1e-4, atol=1e-5)

@@ -43,8 +43,15 @@ def _cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarr
 class VPSchedule(eqx.Module):
     r"""The discrete VP schedule: `betas`, `alphas`, `alphas_cumprod` ($\bar\alpha_t$), all `(T,)` float32.
 
-    Build it with `VPSchedule.linear(T)` (the paper's; `beta_start=1e-4`, `beta_end=0.02` as in
-    DDPM) or `VPSchedule.cosine(T)`. Timesteps index from 0 to `T - 1`, as in diffusers.
+    Build it with `VPSchedule.linear(T)` (the paper's) or `VPSchedule.cosine(T)`. Timesteps index
+    from 0 to `T - 1`, as in diffusers.
+
+    The linear schedule's default end points are DDPM's `(1e-4, 0.02)` scaled by `1000 / T`, the
+    rule of Nichol & Dhariwal's (2021) code: at `T = 1000` it is diffusers' `DDPMScheduler`
+    exactly, and at any `T` it ends near pure noise ($\bar\alpha_{T-1} \approx 4 \times 10^{-5}$).
+    The unscaled `(1e-4, 0.02)` at `T = 200` would end at $\bar\alpha_{T-1} = 0.13$, i.e. 37% of
+    the signal left where the sampler starts from pure noise: pass `beta_start`, `beta_end`
+    explicitly to get it anyway, and see `terminal_signal`.
     """
 
     betas: Float[Array, " T"]
@@ -67,8 +74,12 @@ class VPSchedule(eqx.Module):
         self.kind = kind
 
     @classmethod
-    def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> VPSchedule:
+    def linear(cls, T: int = 1000, beta_start: float | None = None, beta_end: float | None = None) -> VPSchedule:
+        """Betas linear from `beta_start` to `beta_end`; by default `(1e-4, 0.02) * 1000 / T` (beta capped at 0.999)."""
         _check_T(T)
+        scale = 1000 / T
+        beta_start = 1e-4 * scale if beta_start is None else beta_start
+        beta_end = min(0.02 * scale, 0.999) if beta_end is None else beta_end
         if not 0 < beta_start < beta_end < 1:
             raise ValueError(f"need 0 < `beta_start` < `beta_end` < 1, got {beta_start} and {beta_end}.")
         return cls(_linear_betas(T, beta_start, beta_end), kind="linear")
@@ -87,6 +98,11 @@ class VPSchedule(eqx.Module):
         if kind == "cosine":
             return cls.cosine(T)
         raise ValueError(f"`schedule` must be 'linear' or 'cosine', got {kind!r}.")
+
+    @property
+    def terminal_signal(self) -> float:
+        r"""$\sqrt{\bar\alpha_{T-1}}$: the fraction of the data left at the last step (a sampler starting from noise assumes 0)."""
+        return float(np.sqrt(np.asarray(self.alphas_cumprod)[-1]))
 
     @property
     def T(self) -> int:
