@@ -325,14 +325,13 @@ def train(config: TrainConfig = TrainConfig(), out_dir: str | Path | None = None
                 if metrics_file:
                     metrics_file.write(json.dumps(rec) + "\n")
                     metrics_file.flush()
-                if bar is not None:
+                if bar is not None:  # advanced here, where the steps are known to be done (dispatch runs ahead)
+                    bar.update(done - bar.n)
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rate:.0f}")
                 if callback is not None:
                     callback(done, rec)
                 if manager is not None and (done % config.ckpt_every == 0 or done == end):
                     _save(manager, done, state, config, history, steps_per_epoch)
-            if bar is not None:
-                bar.update(1)
     finally:
         if bar is not None:
             bar.close()
