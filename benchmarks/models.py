@@ -47,21 +47,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import torch  # noqa: E402
+from _torch_baseline import DEVICE  # noqa: E402
+from _torch_baseline import sync as _sync  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import coupled_diffusion as cd  # noqa: E402
-
-torch.set_num_threads(2)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cuda":
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
-
-
-def _sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 def median_times(fns: dict, repeats: int, rounds: int = 3) -> dict:

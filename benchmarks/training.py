@@ -28,16 +28,10 @@ import time
 import jax
 import numpy as np
 import torch
+from _torch_baseline import DEVICE, sync
 
 import coupled_diffusion as cd
 from coupled_diffusion.diffusion.train import TrainConfig, train
-
-torch.set_num_threads(2)
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cuda":
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
 
 
 def torch_loop(data: cd.PairedMNIST, config: TrainConfig, channels_last: bool):
@@ -98,8 +92,7 @@ def torch_loop(data: cd.PairedMNIST, config: TrainConfig, channels_last: bool):
                 torch._foreach_add_(ema, [p.detach() for p in params], alpha=1 - config.ema_decay)
             state["step"] = s + 1
         loss.detach().item()  # wait for the last step
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
+        sync()
 
     return run
 
