@@ -217,15 +217,20 @@ class ModeNoise(eqx.Module):
         return self.color(jax.random.normal(key, shape, dtype))
 
 
+def per_sample(a: Float[Array, " B"], x: Float[Array, "B ..."]) -> Float[Array, "B 1 ..."]:
+    """A per-sample `(B,)` array shaped to broadcast against `x` `(B, ...)`, in `x`'s dtype."""
+    return a.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+
+
 def add_noise(schedule: VPSchedule, z0, eps, t) -> Float[Array, "B ..."]:
     r"""Forward noising eq (94): $z_t = \sqrt{\bar\alpha_t} z_0 + \sqrt{1 - \bar\alpha_t}\,\varepsilon$, `t` of shape `(B,)`."""
-    ab = schedule.alphas_cumprod[t].reshape((-1,) + (1,) * (z0.ndim - 1)).astype(z0.dtype)
+    ab = per_sample(schedule.alphas_cumprod[t], z0)
     return jnp.sqrt(ab) * z0 + jnp.sqrt(1 - ab) * eps
 
 
 def predict_x0(schedule: VPSchedule, z_t, eps_hat, t) -> Float[Array, "B ..."]:
     r"""The predicted clean state, eq (97): $\hat z_0 = (z_t - \sqrt{1 - \bar\alpha_t}\,\hat\varepsilon) / \sqrt{\bar\alpha_t}$."""
-    ab = schedule.alphas_cumprod[t].reshape((-1,) + (1,) * (z_t.ndim - 1)).astype(z_t.dtype)
+    ab = per_sample(schedule.alphas_cumprod[t], z_t)
     return (z_t - jnp.sqrt(1 - ab) * eps_hat) / jnp.sqrt(ab)
 
 

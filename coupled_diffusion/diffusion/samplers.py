@@ -30,11 +30,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from .noise import ModeNoise, VPSchedule, predict_x0
-
-
-def _bcast(a, x):
-    return a.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+from .noise import ModeNoise, VPSchedule, per_sample, predict_x0
 
 
 def ddpm_step(schedule: VPSchedule, z_t, eps_hat, t, t_prev, noise_draw, *, clip: float | None = None):
@@ -45,16 +41,16 @@ def ddpm_step(schedule: VPSchedule, z_t, eps_hat, t, t_prev, noise_draw, *, clip
     are integer arrays of shape `(B,)` (or scalars).
     """
     t, t_prev = jnp.broadcast_to(t, z_t.shape[:1]), jnp.broadcast_to(t_prev, z_t.shape[:1])
-    ab_t = _bcast(schedule.alphas_cumprod[t], z_t)
-    ab_prev = _bcast(schedule.alpha_bar_prev(t_prev), z_t)
+    ab_t = per_sample(schedule.alphas_cumprod[t], z_t)
+    ab_prev = per_sample(schedule.alpha_bar_prev(t_prev), z_t)
     cur_alpha = ab_t / ab_prev
     cur_beta = 1 - cur_alpha
-    x0 = (z_t - jnp.sqrt(1 - ab_t) * eps_hat) / jnp.sqrt(ab_t)
+    x0 = predict_x0(schedule, z_t, eps_hat, t)
     if clip is not None:
         x0 = jnp.clip(x0, -clip, clip)
     mean = (jnp.sqrt(ab_prev) * cur_beta / (1 - ab_t)) * x0 + (jnp.sqrt(cur_alpha) * (1 - ab_prev) / (1 - ab_t)) * z_t
     var = jnp.maximum((1 - ab_prev) / (1 - ab_t) * cur_beta, 1e-20)
-    return mean + jnp.where(_bcast(t, z_t) > 0, jnp.sqrt(var), 0) * noise_draw
+    return mean + jnp.where(per_sample(t, z_t) > 0, jnp.sqrt(var), 0) * noise_draw
 
 
 def ddim_step(schedule: VPSchedule, z_t, eps_hat, t, t_prev, noise_draw=None, *, eta: float = 0.0,
@@ -65,9 +61,9 @@ def ddim_step(schedule: VPSchedule, z_t, eps_hat, t, t_prev, noise_draw=None, *,
     $\sigma_t = \eta \sqrt{(1 - \bar\alpha_{prev}) / (1 - \bar\alpha_t)\,(1 - \bar\alpha_t / \bar\alpha_{prev})}$.
     """
     t, t_prev = jnp.broadcast_to(t, z_t.shape[:1]), jnp.broadcast_to(t_prev, z_t.shape[:1])
-    ab_t = _bcast(schedule.alphas_cumprod[t], z_t)
-    ab_prev = _bcast(schedule.alpha_bar_prev(t_prev), z_t)
-    x0 = (z_t - jnp.sqrt(1 - ab_t) * eps_hat) / jnp.sqrt(ab_t)
+    ab_t = per_sample(schedule.alphas_cumprod[t], z_t)
+    ab_prev = per_sample(schedule.alpha_bar_prev(t_prev), z_t)
+    x0 = predict_x0(schedule, z_t, eps_hat, t)
     if clip is not None:
         x0 = jnp.clip(x0, -clip, clip)
     var = (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)

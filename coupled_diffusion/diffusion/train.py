@@ -352,11 +352,16 @@ def _result(graphdef, state, config, history, out) -> TrainResult:
     return TrainResult(model, ema_model, config, int(host["step"]), history, out)
 
 
+def _checkpoint_tree(state) -> dict:
+    """What a checkpoint stores of the training state: the NNX states as pure dicts, no `bad_step`."""
+    tree = {k: state[k] for k in ("opt", "step")}
+    return tree | {k: nnx.to_pure_dict(state[k]) for k in ("params", "rest", "ema")}
+
+
 def _save(manager, step: int, state, config: TrainConfig, history: list[dict], steps_per_epoch: int) -> None:
     import orbax.checkpoint as ocp
 
-    tree = {k: state[k] for k in ("params", "rest", "opt", "ema", "step")}
-    tree["params"], tree["rest"], tree["ema"] = (nnx.to_pure_dict(state[k]) for k in ("params", "rest", "ema"))
+    tree = _checkpoint_tree(state)
     position = dict(epoch=step // steps_per_epoch, batch_in_epoch=step % steps_per_epoch, steps_per_epoch=steps_per_epoch)
     meta = dict(config=config.to_json(), version=_library_version(), step=step, data_position=position, history=history)
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
@@ -371,9 +376,7 @@ def _restore(manager, step: int, state, config: TrainConfig, out: Path):
         diff = {k: (v, getattr(config, k)) for k, v in dataclasses.asdict(saved).items() if getattr(config, k) != v}
         raise ValueError(f"{out} holds a run with a different configuration (saved vs given: {diff}). "
                          "Use another `out_dir`, or pass `resume=False` to start over there.")
-    target = {k: state[k] for k in ("params", "rest", "opt", "ema", "step")}
-    target["params"], target["rest"], target["ema"] = (nnx.to_pure_dict(state[k]) for k in ("params", "rest", "ema"))
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _checkpoint_tree(state))
     got = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     new = dict(state)
     for k in ("params", "rest", "ema"):
