@@ -17,7 +17,7 @@ forward FLOPs per image come from XLA's cost analysis (ours) and `torch.utils.fl
 peak uses a float32 4096^3 `jnp.matmul` measured in the same process. PyTorch runs with 2
 threads; the U-Net peer is timed in its faster memory format (channels_last or contiguous).
 
-    python benchmarks/models.py [--repeats 3] [--only unet|dit] [--ynn] [--bf16] [--batch-mult N]
+    python benchmarks/models.py [--repeats 3] [--only unet|dit] [--no-tuning] [--bf16] [--batch-mult N]
 
 On a GPU both frameworks run there (PyTorch on `cuda`, JAX on its default device), each call
 is synchronised before the clock stops, and TF32 is allowed on both sides for float32 matmuls
@@ -26,16 +26,16 @@ float32 rows compare like with like. `--bf16` times bfloat16 compute with float3
 on both sides (ours: `dtype=jnp.bfloat16`; PyTorch: `torch.autocast`). `--batch-mult` scales
 both batches (the issue's sizes are small for a GPU).
 
-`--ynn` sets `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_dot` before JAX
-starts: XLA:CPU then hands dot-like work to YNNPACK, which on this CPU speeds up the U-Net's
-convolution gradients (1.9x on one 64-channel 3x3 convolution at batch 128).
+Importing `coupled_diffusion` applies its CPU tuning (`cd.cpu_tuning()`: glibc allocator settings
+and an XLA:CPU flag; the allocator settings hold for the PyTorch side too, since both run in one
+process). `--no-tuning` sets `COUPLED_DIFFUSION_CPU_TUNING=0` first, for the before/after comparison.
 """
 
 import os
 import sys
 
-if "--ynn" in sys.argv:  # must happen before JAX initialises its CPU backend
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=individual_dot").strip()
+if "--no-tuning" in sys.argv:  # must happen before coupled_diffusion is imported
+    os.environ["COUPLED_DIFFUSION_CPU_TUNING"] = "0"
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
@@ -246,7 +246,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", choices=["unet", "dit"])
-    parser.add_argument("--ynn", action="store_true", help="YNNPACK for dot-like XLA:CPU work (set before JAX starts)")
+    parser.add_argument("--no-tuning", action="store_true", help="skip coupled_diffusion's import-time CPU tuning")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 parameters, on both sides")
     parser.add_argument("--batch-mult", type=int, default=1, help="multiply both batch sizes (for GPUs)")
     args = parser.parse_args()
@@ -254,6 +254,7 @@ def main():
     peak = matmul_peak(peak_dtype)
     print(f"devices: {jax.devices()}  torch: {DEVICE}, {torch.get_num_threads()} threads  "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print(f"CPU tuning: {cd.cpu_tuning()}")
     print(f"{jnp.dtype(peak_dtype).name} matmul peak (square jnp.matmul): {peak / 1e9:.0f} GFLOP/s")
     kw = dict(bf16=args.bf16, batch_mult=args.batch_mult)
     if args.only in (None, "unet"):

@@ -17,21 +17,29 @@ global-norm clipping and a parameter EMA.
 
 Each contender runs `--rounds` timed blocks, alternating; the median images/s is reported.
 
-    python benchmarks/training.py [--steps 40] [--rounds 3] [--n-train 50000]
+Importing `coupled_diffusion` applies its CPU tuning (`cd.cpu_tuning()`, printed at the start; the
+allocator part holds for both contenders, which share the process); `--no-tuning` skips it.
+
+    python benchmarks/training.py [--steps 40] [--rounds 3] [--n-train 50000] [--no-tuning]
 """
 
 import argparse
 import math
+import os
 import statistics
+import sys
 import time
 
-import jax
-import numpy as np
-import torch
-from _torch_baseline import DEVICE, sync
+if "--no-tuning" in sys.argv:  # must happen before coupled_diffusion is imported
+    os.environ["COUPLED_DIFFUSION_CPU_TUNING"] = "0"
 
-import coupled_diffusion as cd
-from coupled_diffusion.diffusion.train import TrainConfig, train
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from _torch_baseline import DEVICE, sync  # noqa: E402
+
+import coupled_diffusion as cd  # noqa: E402
+from coupled_diffusion.diffusion.train import TrainConfig, train  # noqa: E402
 
 
 def torch_loop(data: cd.PairedMNIST, config: TrainConfig, channels_last: bool):
@@ -103,6 +111,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--n-train", type=int, default=50_000)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--no-tuning", action="store_true", help="skip coupled_diffusion's import-time CPU tuning")
     args = parser.parse_args()
     config = TrainConfig.paper(batch_size=args.batch_size, steps=10_000, log_every=25)
     x, y = cd.load_mnist("train")
@@ -110,6 +119,7 @@ def main():
     B = config.batch_size
     print(f"devices: {jax.devices()}  torch: {DEVICE}, {torch.get_num_threads()} threads; {len(data)} pairs, batch {B}, "
           f"U-Net {config.block_channels}, T = {config.T}, g = {config.g}")
+    print(f"CPU tuning: {cd.cpu_tuning()}")
 
     def ours():
         train(config, None, data=data, progress=False, stop_at=args.steps)

@@ -25,6 +25,8 @@ levels; 32 and 64 with up to six and seven). `dtype=jnp.bfloat16` computes in bf
 parameters; group norms and softmax statistics stay in float32.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -40,17 +42,95 @@ def _conv(cin, cout, kernel=3, stride=1, *, dtype, param_dtype, rngs):
                     param_dtype=param_dtype, kernel_init=_INIT, rngs=rngs)
 
 
+# rows (or columns) of a 3x3 kernel that each tap of a 2x2 sub-pixel kernel sums, per output phase
+_PHASE_TAPS = jnp.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], jnp.float32)
+_PHASE_PAD = ((1, 0), (0, 1))
+
+
+def upsample_conv(h, conv: nnx.Conv):
+    r"""`conv(nearest_upsample_2x(h))` for a 3x3, stride-1, zero-padded `conv`, without the upsampling.
+
+    Each of the four output phases `y[:, 2i + a, 2j + b]` is a 2x2 convolution of `h` itself
+    with the 3x3 kernel's taps summed in pairs, so the work is 4 x 4 taps on the low-resolution
+    grid instead of 9 taps on the high-resolution one (2.25x fewer FLOPs) and the upsampled
+    activation is never stored. Same parameters and outputs as the plain form, up to rounding.
+    """
+    kernel = conv.kernel.get_value()
+    dtype = conv.dtype or jnp.result_type(h, kernel)
+    h, kernel = h.astype(dtype), kernel.astype(dtype)
+    taps = _PHASE_TAPS.astype(dtype)
+    dn = ("NHWC", "HWIO", "NHWC")
+    rows = []
+    for a in range(2):
+        cols = []
+        for b in range(2):
+            k = jnp.einsum("rk,sl,klio->rsio", taps[a], taps[b], kernel)
+            cols.append(jax.lax.conv_general_dilated(h, k, (1, 1), (_PHASE_PAD[a], _PHASE_PAD[b]), dimension_numbers=dn))
+        rows.append(jnp.stack(cols, axis=3))                      # (B, H, W, 2, C): column phase b
+    y = jnp.stack(rows, axis=2)                                    # (B, H, 2, W, 2, C): row phase a
+    bsz, hh, _, ww, _, c = y.shape
+    y = y.reshape(bsz, 2 * hh, 2 * ww, c)
+    return y if conv.bias is None else y + conv.bias.get_value().astype(dtype)
+
+
+def _group_mean(s, groups, n):
+    """(B, 1, C) per-channel sums -> the mean over each group of channels (and the n positions), per channel."""
+    b, c = s.shape[0], s.shape[-1]
+    return jnp.repeat(s.reshape(b, groups, -1).sum(-1) / n, c // groups, axis=-1)[:, None, :]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_norm(x, scale, bias, groups: int, eps: float):
+    r"""Group norm of `x` (B, ..., C) with `groups` channel groups, as `nnx.GroupNorm` computes it
+    (fast variance E[x^2] - E[x]^2, clamped at 0), with a hand-derived backward pass.
+
+    The backward pass needs two per-channel reductions (of `dy` and `dy * x`) and one
+    elementwise pass over the activations, fewer than reverse-mode autodiff of the forward builds.
+    """
+    return _group_norm_fwd(x, scale, bias, groups, eps)[0]
+
+
+def _group_norm_fwd(x, scale, bias, groups, eps):
+    b, c = x.shape[0], x.shape[-1]
+    xr = x.reshape(b, -1, c)
+    n = xr.shape[1] * (c // groups)
+    mean = _group_mean(xr.sum(1, keepdims=True), groups, n)
+    mean_sq = _group_mean(jnp.square(xr).sum(1, keepdims=True), groups, n)
+    rstd = jax.lax.rsqrt(jnp.maximum(mean_sq - jnp.square(mean), 0.0) + eps)
+    a = scale * rstd
+    y = xr * a + (bias - mean * a)
+    return y.reshape(x.shape), (x, scale, mean, rstd)
+
+
+def _group_norm_bwd(groups, eps, res, dy):
+    x, scale, mean, rstd = res
+    b, c = x.shape[0], x.shape[-1]
+    xr, dyr = x.reshape(b, -1, c), dy.reshape(b, -1, c)
+    n = xr.shape[1] * (c // groups)
+    sum_dy = dyr.sum(1, keepdims=True)                                      # (B, 1, C)
+    sum_dy_xhat = ((dyr * xr).sum(1, keepdims=True) - mean * sum_dy) * rstd
+    m_dy = _group_mean(scale * sum_dy, groups, n)                           # group mean of scale * dy
+    m_dy_xhat = _group_mean(scale * sum_dy_xhat, groups, n)                 # ... of scale * dy * xhat
+    dx = dyr * (scale * rstd) - xr * (rstd * rstd * m_dy_xhat) + (mean * rstd * rstd * m_dy_xhat - rstd * m_dy)
+    return dx.reshape(x.shape), sum_dy_xhat.sum((0, 1)), sum_dy.sum((0, 1))
+
+
+group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
 class _GroupNorm(nnx.Module):
-    """Group norm computed in float32 whatever the compute dtype."""
+    """Group norm computed in float32 whatever the compute dtype (parameters held by `nnx.GroupNorm`)."""
 
     def __init__(self, channels: int, groups: int, eps: float, *, param_dtype, rngs):
         if channels % groups:
             raise ValueError(f"`num_groups` ({groups}) must divide every width; {channels} channels do not split evenly.")
+        self.groups, self.eps = groups, eps
         self.norm = nnx.GroupNorm(channels, num_groups=groups, epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype,
                                   rngs=rngs)
 
     def __call__(self, x):
-        return self.norm(x.astype(jnp.float32)).astype(x.dtype)
+        scale, bias = (p.get_value().astype(jnp.float32) for p in (self.norm.scale, self.norm.bias))
+        return group_norm(x.astype(jnp.float32), scale, bias, self.groups, self.eps).astype(x.dtype)
 
 
 class ResnetBlock(nnx.Module):
@@ -212,8 +292,7 @@ class UNet(nnx.Module):
                 if level.attentions is not None:
                     h = level.attentions[j](h)
             if level.resample is not None:
-                h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest-neighbour 2x
-                h = level.resample(h)
+                h = upsample_conv(h, level.resample)  # = level.resample(nearest-neighbour 2x upsample of h)
 
         h = self.conv_out(nnx.silu(self.conv_norm_out(h)))
         return h.astype(jnp.float32)
