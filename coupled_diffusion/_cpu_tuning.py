@@ -8,8 +8,8 @@ backend, so they are applied at import:
    buffer (about 0.9 GB for the paper's U-Net training step at batch 128) from a worker
    thread. glibc serves such sizes from a fresh `mmap` in a worker's arena and unmaps them on
    `free`, so every step touches ~1 GB of new pages: about 240k page faults per step. With a
-   single arena, no `mmap` for large blocks and a high trim threshold, the pages are reused
-   (0 faults per step once warm). The price is that the process keeps its peak heap.
+   single arena, no `mmap` for large blocks and no trimming of the heap's top, the pages are
+   reused (0 faults per step once warm). The price is that the process keeps its peak heap.
 2. **XLA:CPU hands dots and their fusions to YNNPACK** (`--xla_cpu_experimental_ynn_fusion_type=dot`).
    jaxlib 0.10's default routes convolutions to YNNPACK, which runs them on one thread here;
    with `dot`, convolutions stay on XLA's multi-threaded Eigen kernels and matmuls go to
@@ -33,7 +33,6 @@ _ENV = "COUPLED_DIFFUSION_CPU_TUNING"
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=dot"
 _YNN_VERSIONS = ((0, 10, 2), (0, 11, 0))  # [first, last): the jaxlib releases the flag was measured on
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc <malloc.h>
-_INT_MAX = 2**31 - 1
 
 _REPORT: dict[str, str] = {}
 
@@ -67,10 +66,10 @@ def _tune_allocator() -> str:
     try:
         libc = ctypes.CDLL("libc.so.6")
         ok = all(libc.mallopt(param, value) == 1 for param, value in
-                 ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX)))
+                 ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))  # -1: never trim (mallopt(3))
     except (OSError, AttributeError) as err:  # pragma: no cover - an unusual libc
         return f"skipped: mallopt unavailable ({err})"
-    return "applied: one arena, no mmap for large blocks, trim threshold 2 GiB" if ok else "failed: mallopt refused"
+    return "applied: one arena, no mmap for large blocks, no trimming" if ok else "failed: mallopt refused"
 
 
 def _tune_xla_flags() -> str:
