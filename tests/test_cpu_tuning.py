@@ -98,3 +98,15 @@ def test_report_is_a_copy():
     report = cd.cpu_tuning()
     report["allocator"] = "changed"
     assert cd.cpu_tuning()["allocator"] != "changed"
+
+
+def test_importing_the_package_does_not_start_jax():
+    # the XLA flag only counts if the backend starts after the import, so the package must not
+    # run JAX code (e.g. a module-level jnp.array) while it is imported
+    got = _run("""
+        import json
+        import coupled_diffusion
+        from jax._src import xla_bridge
+        print(json.dumps({"started": bool(xla_bridge._backends)}))
+    """)
+    assert got == {"started": False}

@@ -29,6 +29,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from .dit import timestep_embedding
@@ -43,7 +44,7 @@ def _conv(cin, cout, kernel=3, stride=1, *, dtype, param_dtype, rngs):
 
 
 # rows (or columns) of a 3x3 kernel that each tap of a 2x2 sub-pixel kernel sums, per output phase
-_PHASE_TAPS = jnp.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], jnp.float32)
+_PHASE_TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.float32)  # numpy: no JAX work at import
 _PHASE_PAD = ((1, 0), (0, 1))
 
 
@@ -58,7 +59,7 @@ def upsample_conv(h, conv: nnx.Conv):
     kernel = conv.kernel.get_value()
     dtype = conv.dtype or jnp.result_type(h, kernel)
     h, kernel = h.astype(dtype), kernel.astype(dtype)
-    taps = _PHASE_TAPS.astype(dtype)
+    taps = jnp.asarray(_PHASE_TAPS, dtype)
     dn = ("NHWC", "HWIO", "NHWC")
     rows = []
     for a in range(2):
