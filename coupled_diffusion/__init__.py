@@ -4,7 +4,6 @@ from . import _cpu_tuning
 
 _cpu_tuning.apply()  # before anything can start JAX's CPU backend; see cpu_tuning()
 
-
 from ._cpu_tuning import cpu_tuning as cpu_tuning
 from ._results import RESULTS as RESULTS
 from ._results import Solution as Solution

@@ -37,14 +37,6 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc <malloc.h>
 _REPORT: dict[str, str] = {}
 
 
-def _version(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in text.split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
-
-
 def _backend_started() -> bool:
     try:
         from jax._src import xla_bridge
@@ -79,12 +71,12 @@ def _tune_xla_flags() -> str:
     if _backend_started():
         return "skipped: the JAX backend had already started"
     try:
-        from jaxlib.version import __version__ as jaxlib_version
-    except ImportError:  # pragma: no cover
+        from jax._src.lib import version as jaxlib_version  # the installed jaxlib as a tuple of ints, as JAX gates on it
+    except ImportError:  # pragma: no cover - a JAX without this private module
         return "skipped: jaxlib version unknown"
     first, last = _YNN_VERSIONS
-    if not first <= _version(jaxlib_version) < last:
-        return f"skipped: jaxlib {jaxlib_version} is outside the measured range"
+    if not first <= tuple(jaxlib_version) < last:
+        return f"skipped: jaxlib {'.'.join(map(str, jaxlib_version))} is outside the measured range"
     os.environ["XLA_FLAGS"] = f"{flags} {YNN_FLAG}".strip()
     return f"applied: {YNN_FLAG}"
 
