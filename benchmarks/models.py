@@ -17,7 +17,7 @@ forward FLOPs per image come from XLA's cost analysis (ours) and `torch.utils.fl
 peak uses a float32 4096^3 `jnp.matmul` measured in the same process. PyTorch runs with 2
 threads; the U-Net peer is timed in its faster memory format (channels_last or contiguous).
 
-    python benchmarks/models.py [--repeats 3] [--only unet|dit] [--no-tuning] [--bf16] [--batch-mult N]
+    python benchmarks/models.py [--repeats 3] [--only unet|dit] [--no-tuning] [--no-onednn] [--bf16] [--batch-mult N]
 
 On a GPU both frameworks run there (PyTorch on `cuda`, JAX on its default device), each call
 is synchronised before the clock stops, and TF32 is allowed on both sides for float32 matmuls
@@ -29,6 +29,11 @@ both batches (the issue's sizes are small for a GPU).
 Importing `coupled_diffusion` applies its CPU tuning (`cd.cpu_tuning()`: glibc allocator settings
 and an XLA:CPU flag; the allocator settings hold for the PyTorch side too, since both run in one
 process). `--no-tuning` sets `COUPLED_DIFFUSION_CPU_TUNING=0` first, for the before/after comparison.
+On a CPU the U-Net's convolutions run through oneDNN when the `onednn` extra is installed
+(`coupled_diffusion.models.onednn`; the same library PyTorch's CPU convolutions use);
+`--no-onednn` turns that off (`COUPLED_DIFFUSION_ONEDNN=0`) to time XLA's own convolutions.
+Its FFI custom calls are invisible to XLA's cost analysis, so our FLOPs are counted on the
+`lax` form of the same forward.
 """
 
 import os
@@ -36,6 +41,8 @@ import sys
 
 if "--no-tuning" in sys.argv:  # must happen before coupled_diffusion is imported
     os.environ["COUPLED_DIFFUSION_CPU_TUNING"] = "0"
+if "--no-onednn" in sys.argv:
+    os.environ["COUPLED_DIFFUSION_ONEDNN"] = "0"
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
@@ -52,6 +59,7 @@ from _torch_baseline import sync as _sync  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import coupled_diffusion as cd  # noqa: E402
+from coupled_diffusion.models import onednn  # noqa: E402
 
 
 def median_times(fns: dict, repeats: int, rounds: int = 3) -> dict:
@@ -122,8 +130,13 @@ def jax_contender(model, batch, *, labels: bool):
 
     # FLOPs from XLA:CPU's cost analysis of the forward, also on a GPU machine (there the compiled
     # module's analysis leaves out the convolutions and matmuls handed to cuDNN / cuBLAS).
+    # The oneDNN convolutions are custom calls that the analysis does not see: count the lax form.
     cpu_args = jax.device_put((state, x, t, y), jax.devices("cpu")[0])
-    cost = forward.lower(*cpu_args).compile().cost_analysis()
+    previous = onednn.set_enabled(False)
+    try:
+        cost = jax.jit(lambda s, x, t, y: call(nnx.merge(graphdef, s)[0], x, t, y)).lower(*cpu_args).compile().cost_analysis()
+    finally:
+        onednn.set_enabled(previous)
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost["flops"]) / x.shape[0]
     box = [state]
@@ -247,6 +260,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", choices=["unet", "dit"])
     parser.add_argument("--no-tuning", action="store_true", help="skip coupled_diffusion's import-time CPU tuning")
+    parser.add_argument("--no-onednn", action="store_true", help="XLA's own convolutions instead of oneDNN's on a CPU")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 parameters, on both sides")
     parser.add_argument("--batch-mult", type=int, default=1, help="multiply both batch sizes (for GPUs)")
     args = parser.parse_args()
@@ -255,6 +269,7 @@ def main():
     print(f"devices: {jax.devices()}  torch: {DEVICE}, {torch.get_num_threads()} threads  "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print(f"CPU tuning: {cd.cpu_tuning()}")
+    print(f"oneDNN convolutions: {onednn.status()}")
     print(f"{jnp.dtype(peak_dtype).name} matmul peak (square jnp.matmul): {peak / 1e9:.0f} GFLOP/s")
     kw = dict(bf16=args.bf16, batch_mult=args.batch_mult)
     if args.only in (None, "unet"):

@@ -23,6 +23,10 @@ so that its checkpoints load with [`load_unet_diffusers`][] and its forward can 
 The input side must halve cleanly `len(block_channels) - 1` times (28 -> 14 -> 7 with three
 levels; 32 and 64 with up to six and seven). `dtype=jnp.bfloat16` computes in bfloat16 with float32
 parameters; group norms and softmax statistics stay in float32.
+
+On XLA:CPU the 3x3 convolutions run through oneDNN when it is installed (`onednn.conv2d`;
+`pip install 'coupled_diffusion[onednn]'`), the library PyTorch's CPU convolutions use; elsewhere
+they are `lax` convolutions. The parameters and results are the same either way.
 """
 
 import functools
@@ -33,14 +37,25 @@ import numpy as np
 from flax import nnx
 
 from .dit import timestep_embedding
+from .onednn import conv2d
 
 _INIT = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # PyTorch's default: U(+-1/sqrt(fan_in))
 
 
+class _Conv(nnx.Conv):
+    """`nnx.Conv` (same parameters and results) computed by `onednn.conv2d`: oneDNN on XLA:CPU, lax elsewhere."""
+
+    def __call__(self, x):
+        kernel = self.kernel.get_value()
+        dtype = self.dtype or jnp.result_type(x, kernel)
+        bias = None if self.bias is None else self.bias.get_value().astype(dtype)
+        return conv2d(x.astype(dtype), kernel.astype(dtype), bias, self.strides, self.padding)
+
+
 def _conv(cin, cout, kernel=3, stride=1, *, dtype, param_dtype, rngs):
     pad = (kernel - 1) // 2
-    return nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)), dtype=dtype,
-                    param_dtype=param_dtype, kernel_init=_INIT, rngs=rngs)
+    return _Conv(cin, cout, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)), dtype=dtype,
+                 param_dtype=param_dtype, kernel_init=_INIT, rngs=rngs)
 
 
 # rows (or columns) of a 3x3 kernel that each tap of a 2x2 sub-pixel kernel sums, per output phase
@@ -59,19 +74,18 @@ def upsample_conv(h, conv: nnx.Conv):
     kernel = conv.kernel.get_value()
     dtype = conv.dtype or jnp.result_type(h, kernel)
     h, kernel = h.astype(dtype), kernel.astype(dtype)
+    bias = None if conv.bias is None else conv.bias.get_value().astype(dtype)  # added by each phase's convolution
     taps = jnp.asarray(_PHASE_TAPS, dtype)
-    dn = ("NHWC", "HWIO", "NHWC")
     rows = []
     for a in range(2):
         cols = []
         for b in range(2):
             k = jnp.einsum("rk,sl,klio->rsio", taps[a], taps[b], kernel)
-            cols.append(jax.lax.conv_general_dilated(h, k, (1, 1), (_PHASE_PAD[a], _PHASE_PAD[b]), dimension_numbers=dn))
+            cols.append(conv2d(h, k, bias, 1, (_PHASE_PAD[a], _PHASE_PAD[b])))
         rows.append(jnp.stack(cols, axis=3))                      # (B, H, W, 2, C): column phase b
     y = jnp.stack(rows, axis=2)                                    # (B, H, 2, W, 2, C): row phase a
     bsz, hh, _, ww, _, c = y.shape
-    y = y.reshape(bsz, 2 * hh, 2 * ww, c)
-    return y if conv.bias is None else y + conv.bias.get_value().astype(dtype)
+    return y.reshape(bsz, 2 * hh, 2 * ww, c)
 
 
 def _group_mean(s, groups, n):
