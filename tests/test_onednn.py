@@ -219,3 +219,33 @@ def test_importing_the_package_builds_nothing():
     """
     proc = _fresh(code)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_several_cpu_devices_keep_xla_convolutions_so_a_split_batch_stays_split():
+    code = """
+        import jax, numpy as np
+        from coupled_diffusion.models import onednn
+        assert len(jax.devices()) == 4
+        f = jax.jit(lambda x, w: onednn.conv2d(x, w))
+        x, w = np.ones((4, 5, 5, 2), np.float32), np.ones((3, 3, 2, 3), np.float32)
+        assert "cd_conv2d" not in f.lower(x, w).as_text()
+        print(float(f(x, w)[0, 2, 2, 0]))
+    """
+    proc = _fresh(code, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    assert proc.returncode == 0 and proc.stdout.strip() == "18.0", proc.stderr[-2000:]
+
+
+@needs_onednn
+def test_explicitly_sharded_operands_keep_xla_convolutions():
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Explicit,))
+    rng = np.random.default_rng(3)
+    x = jax.device_put(rng.standard_normal((2, 5, 5, 2)).astype(np.float32), NamedSharding(mesh, P("data")))
+    w = rng.standard_normal((3, 3, 2, 3)).astype(np.float32)
+    with jax.set_mesh(mesh):
+        f = jax.jit(lambda x, w: onednn.conv2d(x, w))
+        assert "cd_conv2d" not in f.lower(x, w).as_text()
+        y = f(x, w)
+    np.testing.assert_allclose(y, _reference(np.asarray(x), w, np.zeros(3), (1, 1), ((1, 1), (1, 1))), rtol=1e-5, atol=1e-5)

@@ -22,6 +22,10 @@ else, with the same results up to float rounding:
   `jax.lax.platform_dependent` lowers `lax` convolutions for any other platform, so the same
   code runs unchanged on a GPU or TPU;
 - float32 inputs, 2-D, no dilation, no feature groups;
+- one CPU device in the process, and operands without an explicit sharding in their type: XLA
+  cannot partition a custom call, so with a batch split over several CPU devices
+  (`--xla_force_host_platform_device_count`) it would gather the batch onto every device; such
+  processes keep XLA's convolutions, which stay split;
 - not turned off: `COUPLED_DIFFUSION_ONEDNN=0` in the environment, or `set_enabled(False)`
   (both read when a function is traced).
 
@@ -226,6 +230,22 @@ def _lax_backward(x, kernel, dy, strides, padding):
     return dx, dw, dy.sum((0, 1, 2))
 
 
+def _single_cpu_device() -> bool:
+    """One CPU device, the usual case. With several (`--xla_force_host_platform_device_count`), a
+    batch split over them must stay split: XLA would gather the batch around a custom call, which it
+    cannot partition, so such processes keep XLA's convolutions."""
+    return len(jax.devices("cpu")) == 1
+
+
+def _explicitly_sharded(*arrays) -> bool:
+    """Operands whose type carries a sharding (`jax.sharding.AxisType.Explicit` meshes) keep XLA's convolutions."""
+    for a in arrays:
+        spec = getattr(getattr(jax.typeof(a), "sharding", None), "spec", ())
+        if any(p is not None for p in spec):
+            return True
+    return False
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _onednn_conv(x, kernel, bias, strides, padding):
     return _onednn_conv_fwd(x, kernel, bias, strides, padding)[0]
@@ -275,6 +295,6 @@ def conv2d(x, kernel, bias=None, strides=1, padding="SAME"):
     if min(_out_shape(x, kernel, strides, padding)[1:3]) < 1:
         raise ValueError(f"the kernel {kernel.shape[:2]} does not fit the padded input {x.shape[1:3]} with padding {padding}.")
     f32 = all(a.dtype == jnp.float32 for a in (x, kernel, bias))
-    if f32 and _wanted() and _load():
+    if f32 and _single_cpu_device() and not _explicitly_sharded(x, kernel, bias) and _wanted() and _load():
         return _onednn_conv(x, kernel, bias, strides, padding)
     return _lax_conv(x, kernel, bias.astype(jnp.result_type(x, kernel)), strides, padding)
