@@ -19,8 +19,10 @@ Each contender runs `--rounds` timed blocks, alternating; the median images/s is
 
 Importing `coupled_diffusion` applies its CPU tuning (`cd.cpu_tuning()`, printed at the start; the
 allocator part holds for both contenders, which share the process); `--no-tuning` skips it.
+With the `onednn` extra installed, our U-Net's convolutions run through oneDNN
+(`coupled_diffusion.models.onednn`, status printed at the start); `--no-onednn` keeps XLA's own.
 
-    python benchmarks/training.py [--steps 40] [--rounds 3] [--n-train 50000] [--no-tuning]
+    python benchmarks/training.py [--steps 40] [--rounds 3] [--n-train 50000] [--no-tuning] [--no-onednn]
 """
 
 import argparse
@@ -32,6 +34,8 @@ import time
 
 if "--no-tuning" in sys.argv:  # must happen before coupled_diffusion is imported
     os.environ["COUPLED_DIFFUSION_CPU_TUNING"] = "0"
+if "--no-onednn" in sys.argv:
+    os.environ["COUPLED_DIFFUSION_ONEDNN"] = "0"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -40,6 +44,7 @@ from _torch_baseline import DEVICE, sync  # noqa: E402
 
 import coupled_diffusion as cd  # noqa: E402
 from coupled_diffusion.diffusion.train import TrainConfig, train  # noqa: E402
+from coupled_diffusion.models import onednn  # noqa: E402
 
 
 def torch_loop(data: cd.PairedMNIST, config: TrainConfig, channels_last: bool):
@@ -112,6 +117,7 @@ def main():
     parser.add_argument("--n-train", type=int, default=50_000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--no-tuning", action="store_true", help="skip coupled_diffusion's import-time CPU tuning")
+    parser.add_argument("--no-onednn", action="store_true", help="XLA's own convolutions instead of oneDNN's")
     args = parser.parse_args()
     config = TrainConfig.paper(batch_size=args.batch_size, steps=10_000, log_every=25)
     x, y = cd.load_mnist("train")
@@ -120,6 +126,7 @@ def main():
     print(f"devices: {jax.devices()}  torch: {DEVICE}, {torch.get_num_threads()} threads; {len(data)} pairs, batch {B}, "
           f"U-Net {config.block_channels}, T = {config.T}, g = {config.g}")
     print(f"CPU tuning: {cd.cpu_tuning()}")
+    print(f"oneDNN convolutions: {onednn.status()}")
 
     def ours():
         train(config, None, data=data, progress=False, stop_at=args.steps)
