@@ -80,6 +80,13 @@ struct Plan {
   dnnl::primitive conv;
   memory wgt_blocked;      // empty when oneDNN takes HWIO as is
   dnnl::primitive reorder;
+
+  // The kernel as the primitive reads it: `hwio` itself, or its reorder into the blocked buffer.
+  memory weights_in(dnnl::stream& stream, const memory& hwio) {
+    if (!wgt_blocked) return hwio;
+    reorder.execute(stream, {{DNNL_ARG_FROM, hwio}, {DNNL_ARG_TO, wgt_blocked}});
+    return wgt_blocked;
+  }
 };
 
 Plan make_plan(Runtime& rt, dnnl::primitive conv, const memory::desc& chosen, const memory::desc& hwio, bool into_blocked) {
@@ -136,9 +143,7 @@ ffi::Error guarded(F&& body) {
   try {
     body();
     return ffi::Error::Success();
-  } catch (const dnnl::error& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN convolution failed: ") + e.what());
-  } catch (const std::exception& e) {
+  } catch (const std::exception& e) {  // dnnl::error included
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN convolution failed: ") + e.what());
   }
 }
@@ -154,12 +159,7 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer
     Descs d = descs(g);
     std::lock_guard<std::mutex> lock(rt.mutex);
     Plan& p = plan(rt, Pass::kForward, g);
-    memory wm(d.wgt_hwio, rt.engine, w.typed_data());
-    memory wuse = wm;
-    if (p.wgt_blocked) {
-      p.reorder.execute(rt.stream, {{DNNL_ARG_FROM, wm}, {DNNL_ARG_TO, p.wgt_blocked}});
-      wuse = p.wgt_blocked;
-    }
+    memory wuse = p.weights_in(rt.stream, memory(d.wgt_hwio, rt.engine, w.typed_data()));
     p.conv.execute(rt.stream, {{DNNL_ARG_SRC, memory(d.src, rt.engine, x.typed_data())},
                                {DNNL_ARG_WEIGHTS, wuse},
                                {DNNL_ARG_BIAS, memory(d.bias, rt.engine, b.typed_data())},
@@ -179,12 +179,7 @@ ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w, ffi::
     Descs d = descs(g);
     std::lock_guard<std::mutex> lock(rt.mutex);
     Plan& p = plan(rt, Pass::kBackwardData, g);
-    memory wm(d.wgt_hwio, rt.engine, w.typed_data());
-    memory wuse = wm;
-    if (p.wgt_blocked) {
-      p.reorder.execute(rt.stream, {{DNNL_ARG_FROM, wm}, {DNNL_ARG_TO, p.wgt_blocked}});
-      wuse = p.wgt_blocked;
-    }
+    memory wuse = p.weights_in(rt.stream, memory(d.wgt_hwio, rt.engine, w.typed_data()));
     p.conv.execute(rt.stream, {{DNNL_ARG_DIFF_DST, memory(d.dst, rt.engine, dy.typed_data())},
                                {DNNL_ARG_WEIGHTS, wuse},
                                {DNNL_ARG_DIFF_SRC, memory(d.src, rt.engine, dx->typed_data())}});

@@ -42,14 +42,20 @@ from .onednn import conv2d
 _INIT = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # PyTorch's default: U(+-1/sqrt(fan_in))
 
 
+def _operands(module, x):
+    """`x`, `module`'s kernel and bias (or None) in its compute dtype (`module.dtype`, else the promoted one)."""
+    kernel = module.kernel.get_value()
+    dtype = module.dtype or jnp.result_type(x, kernel)
+    bias = None if module.bias is None else module.bias.get_value().astype(dtype)
+    return x.astype(dtype), kernel.astype(dtype), bias
+
+
 class _Conv(nnx.Conv):
     """`nnx.Conv` (same parameters and results) computed by `onednn.conv2d`: oneDNN on XLA:CPU, lax elsewhere."""
 
     def __call__(self, x):
-        kernel = self.kernel.get_value()
-        dtype = self.dtype or jnp.result_type(x, kernel)
-        bias = None if self.bias is None else self.bias.get_value().astype(dtype)
-        return conv2d(x.astype(dtype), kernel.astype(dtype), bias, self.strides, self.padding)
+        x, kernel, bias = _operands(self, x)
+        return conv2d(x, kernel, bias, self.strides, self.padding)
 
 
 class _Shortcut(nnx.Linear):
@@ -57,10 +63,8 @@ class _Shortcut(nnx.Linear):
     as a 1x1 `onednn.conv2d`, whose weight gradient is far faster than XLA:CPU's 100k-long-contraction dot."""
 
     def __call__(self, x):
-        kernel = self.kernel.get_value()
-        dtype = self.dtype or jnp.result_type(x, kernel)
-        bias = None if self.bias is None else self.bias.get_value().astype(dtype)
-        return conv2d(x.astype(dtype), kernel.astype(dtype)[None, None], bias, 1, "VALID")
+        x, kernel, bias = _operands(self, x)
+        return conv2d(x, kernel[None, None], bias, 1, "VALID")
 
 
 def _conv(cin, cout, kernel=3, stride=1, *, dtype, param_dtype, rngs):
@@ -82,11 +86,8 @@ def upsample_conv(h, conv: nnx.Conv):
     grid instead of 9 taps on the high-resolution one (2.25x fewer FLOPs) and the upsampled
     activation is never stored. Same parameters and outputs as the plain form, up to rounding.
     """
-    kernel = conv.kernel.get_value()
-    dtype = conv.dtype or jnp.result_type(h, kernel)
-    h, kernel = h.astype(dtype), kernel.astype(dtype)
-    bias = None if conv.bias is None else conv.bias.get_value().astype(dtype)  # added by each phase's convolution
-    taps = jnp.asarray(_PHASE_TAPS, dtype)
+    h, kernel, bias = _operands(conv, h)  # the bias is added by each phase's convolution
+    taps = jnp.asarray(_PHASE_TAPS, kernel.dtype)
     rows = []
     for a in range(2):
         cols = []
