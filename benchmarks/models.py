@@ -62,7 +62,7 @@ import coupled_diffusion as cd  # noqa: E402
 from coupled_diffusion.models import onednn  # noqa: E402
 
 
-def median_times(fns: dict, repeats: int, rounds: int = 3) -> dict:
+def median_times(fns: dict, repeats: int, rounds: int = 3, warmup: int = 3) -> dict:
     """Median wall time of each callable over `rounds` rounds of blocks.
 
     Each block is one untimed call then `repeats` timed calls of one contender, and the rounds
@@ -70,10 +70,14 @@ def median_times(fns: dict, repeats: int, rounds: int = 3) -> dict:
     spinning for a while after a call returns, so alternating single calls makes each slow the
     other (measured: the PyTorch U-Net step at 21 img/s interleaved call by call with JAX,
     97 img/s on its own); rounds, because this machine's speed drifts by tens of percent over
-    minutes and both contenders should see the same drift.
+    minutes and both contenders should see the same drift. Each contender is first called
+    `warmup` times: with the CPU tuning's allocator settings (no trimming, no mmap) XLA:CPU's
+    heap grows in the first few steps until its step-sized temporaries stop fragmenting it (the
+    DiT-S/2 step: three of its first seven calls faulted 4.4 GB of fresh pages, the rest none).
     """
     for fn in fns.values():
-        fn()  # compile / warm up
+        for _ in range(warmup):
+            fn()  # compile / warm up
     ts = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
