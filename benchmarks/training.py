@@ -140,7 +140,7 @@ def main():
         train(config, None, data=placed, progress=False, stop_at=args.steps)
 
     t0 = time.perf_counter()
-    train(config, None, data=data, progress=False, stop_at=2)  # compile
+    train(config, None, data=placed, progress=False, stop_at=2)  # compile
     print(f"ours: first call (model build + compilation) {time.perf_counter() - t0:.1f} s")
     best = None
     for cl in (False, True):

@@ -119,7 +119,8 @@ class _Dense(nnx.Linear):
         if self.bias is None or x.ndim < 3 or x.shape[0] < 2 or x.size < _DOT_BIAS_MIN_SIZE:
             return super().__call__(x)
         x, kernel, bias = self.promote_dtype((x, self.kernel[...], self.bias[...]), dtype=self.dtype)
-        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
+        kw = {} if self.preferred_element_type is None else {"preferred_element_type": self.preferred_element_type}
+        y = self.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision, **kw)  # as nnx.Linear
         return _add_bias(y, bias)
 
 
