@@ -87,24 +87,22 @@ from .theory.collapse import (
     collapse_time_bound as collapse_time_bound,
 )
 from .theory.collapse import (
-    mode_collapse_times as mode_collapse_times,
-)
-from .theory.collapse import (
     rem_cgf as rem_cgf,
 )
 from .theory.collapse import (
     rem_rate as rem_rate,
 )
 from .theory.mixture import TwoClassMixture as TwoClassMixture
+from .theory.modes import eigenmodes as eigenmodes
+from .theory.modes import mode_collapse_times as mode_collapse_times
+from .theory.modes import mode_snrs as mode_snrs
+from .theory.modes import mode_speciation_times as mode_speciation_times
 from .theory.moments import GridMoments as GridMoments
 from .theory.moments import MomentPath as MomentPath
 from .theory.moments import mean_gram as mean_gram
 from .theory.moments import moments as moments
 from .theory.moments import transition as transition
 from .theory.ou import CoupledOU as CoupledOU
-from .theory.speciation import (
-    eigenmodes as eigenmodes,
-)
 from .theory.speciation import (
     g_crit as g_crit,
 )
@@ -113,12 +111,6 @@ from .theory.speciation import (
 )
 from .theory.speciation import (
     kappa_zero as kappa_zero,
-)
-from .theory.speciation import (
-    mode_snrs as mode_snrs,
-)
-from .theory.speciation import (
-    mode_speciation_times as mode_speciation_times,
 )
 from .theory.speciation import (
     speciation_time as speciation_time,

@@ -42,3 +42,23 @@ def check_positive(x, name: str, what: str = "positive") -> None:
 def check_square(x, name: str) -> None:
     if x.ndim != 2 or x.shape[0] != x.shape[1] or x.shape[0] == 0:
         raise ValueError(f"`{name}` must be a non-empty square k x k matrix, got shape {x.shape}.")
+
+
+def check_same_k(ou, data) -> None:
+    """The forward process and the data must have the same number k of modalities."""
+    if ou.k != data.k:
+        raise ValueError(
+            f"`ou` has k={ou.k} modalities but `data` has k={data.k}: the Gram matrix and "
+            f"variances must be {ou.k} x {ou.k} and ({ou.k},)."
+        )
+
+
+def dim_scale(dim, dtype):
+    """The factor that turns a per-dimension quantity into the finite-d one: 1 for `dim=None`, else `d >= 1`."""
+    if dim is None:
+        return jnp.asarray(1.0, dtype)
+    dim = as_float(dim, "dim")
+    d = concrete(dim)
+    if d is not None and not (d.ndim == 0 and d >= 1):
+        raise ValueError(f"`dim` must be a scalar >= 1 (the dimension d of each modality), got {d}.")
+    return dim.astype(dtype)

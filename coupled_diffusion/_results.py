@@ -6,6 +6,8 @@ default) a failure raises: `ValueError` when the inputs are concrete (eager use)
 or an Equinox runtime error when the call is being traced.
 """
 
+from collections.abc import Sequence
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -81,6 +83,14 @@ class Solution(eqx.Module):
     def message(self) -> str:
         """The message of a scalar (non-batched) solution."""
         return RESULTS[self.result]
+
+
+def first_failure(checks: Sequence[tuple], otherwise: RESULTS) -> RESULTS:
+    """The code of the first failed check of `checks` (`(ok, code)` pairs, highest precedence first), else `otherwise`."""
+    result = otherwise
+    for ok, code in reversed(checks):
+        result = RESULTS.where(ok, result, code)
+    return result
 
 
 def _is_traced(x) -> bool:

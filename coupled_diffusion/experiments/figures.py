@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..theory.collapse import collapse_time, mode_collapse_times
+from ..theory.collapse import collapse_time
 from ..theory.mixture import TwoClassMixture
+from ..theory.modes import mode_collapse_times, mode_speciation_times
 from ..theory.ou import CoupledOU
-from ..theory.speciation import g_crit, mode_speciation_times, speciation_time
+from ..theory.speciation import g_crit, speciation_time
 
 
 def _np(x):

@@ -21,14 +21,15 @@ import jax
 import jax.numpy as jnp
 import optimistix as optx
 
-from .._checks import as_float, concrete
+from .._checks import as_float, check_same_k, concrete
 from .._linalg import Mat, trace_mm
 from .._results import RESULTS, Solution, finish
 from . import _roots
+from ._semigroup import SeriesCoefficients, covariances
 from .mixture import TwoClassMixture
-from .moments import SeriesCoefficients, _check_same_k, covariances
+from .modes import mode_decomposition
+from .moments import MomentPath
 from .ou import CoupledOU
-from .speciation import _mode_setup
 
 
 def alpha_from_n(n, dim):
@@ -49,7 +50,7 @@ def rem_cgf(ou: CoupledOU, data: TwoClassMixture, t, beta):
     for the symmetric $k = 2$ case ($Q^{-1}S$ has eigenvalues $\chi_\pm$, eq 67).
     Vectorised over `t` and `beta` (broadcast).
     """
-    _check_same_k(ou, data)
+    check_same_k(ou, data)
     ou.require_constant("rem_cgf")
     k = ou.k
 
@@ -104,10 +105,34 @@ def _sym_sqrt_inv(Q):
     return (V / jnp.sqrt(lam)) @ V.T
 
 
-def _collapse_lhs(ou, data, t, conditional, target, series=None):
-    _, Q, C = _SQC(ou, data, t, series)
+class _Covariances(eqx.Module):
+    """`(Q(t), C(t))` as [`Mat`][]s: the closed form for a constant M (series coefficients computed once), or the ODE path."""
+
+    path: MomentPath | None
+    M: Mat | None
+    series: SeriesCoefficients | None
+    sigma_w2: jax.Array
+    variances: jax.Array
+
+    @classmethod
+    def of(cls, ou: CoupledOU, data: TwoClassMixture, t_max):
+        if ou.time_dependent:
+            return cls(MomentPath.of(ou, t_max), None, None, ou.sigma_w2, data.variances)
+        M = Mat.of(ou.M)
+        return cls(None, M, SeriesCoefficients.of(M, ou.sigma_w2), ou.sigma_w2, data.variances)
+
+    def __call__(self, t) -> tuple[Mat, Mat]:
+        if self.path is None:
+            var = [self.variances[i] for i in range(self.variances.shape[0])]
+            _, Q, _, C = covariances(self.M, self.sigma_w2, var, t, self.series)
+            return Q, C
+        E, Q = self.path(t)
+        return Mat.of(Q), Mat.of(E @ (self.variances[:, None] * E.T) + Q)
+
+
+def _collapse_lhs(Q: Mat, C: Mat, conditional: bool, target: int):
     if not conditional:
-        return (jnp.log(C.det()) - jnp.log(Q.det())) / (2 * ou.k)
+        return (jnp.log(C.det()) - jnp.log(Q.det())) / (2 * C.k)
     return 0.5 * (jnp.log(_schur(C, target)) - jnp.log(_schur(Q, target)))
 
 
@@ -145,7 +170,7 @@ def collapse_time(
     **Returns:** a [`Solution`][]; `no_collapse` for $\alpha \le 0$, `collapse_out_of_range`
     when the condition is not crossed in $[t_{min}, t_{max}]$, `unstable`, `invalid_parameters`.
     """
-    _check_same_k(ou, data)
+    check_same_k(ou, data)
     if conditional and ou.k < 2:
         raise ValueError("`conditional=True` needs k >= 2 modalities.")
     target = target % ou.k
@@ -156,100 +181,29 @@ def collapse_time(
     lo, hi = concrete(t_min), concrete(t_max)
     if lo is not None and hi is not None and not (0 < lo < hi and jnp.isfinite(hi)):
         raise ValueError(f"Need 0 < t_min < t_max < inf, got t_min={lo}, t_max={hi}.")
-    rtol, atol = _roots.tolerances(dtype, rtol, atol)
-    core = _collapse_core_td if ou.time_dependent else _collapse_core
-    logt, result = core(ou, data, alpha, t_min, t_max, conditional=conditional, target=target,
-                                  grid_size=grid_size, rtol=rtol, atol=atol, max_steps=max_steps)
+    options = _roots.Options.of(dtype, grid_size=grid_size, rtol=rtol, atol=atol, max_steps=max_steps, min_grid_size=2)
+    logt, result = _collapse_core(ou, data, alpha, t_min, t_max, conditional=conditional, target=target, options=options)
     return finish(jnp.exp(logt), result, throw=throw, what="collapse_time")
 
 
 @eqx.filter_jit
-def _collapse_core(ou, data, alpha, t_min, t_max, *, conditional, target, grid_size, rtol, atol, max_steps):
-
+def _collapse_core(ou, data, alpha, t_min, t_max, *, conditional, target, options: _roots.Options):
     def residual(logt, a):
-        ou_, data_, alpha_, series = a
-        return _collapse_lhs(ou_, data_, jnp.exp(logt), conditional, target, series) - alpha_
+        cov, alpha_ = a
+        return _collapse_lhs(*cov(jnp.exp(logt)), conditional, target) - alpha_
 
-    args = (ou, data, alpha, SeriesCoefficients.of(Mat.of(ou.M), ou.sigma_w2))
-    u = jnp.linspace(jnp.log(t_min), jnp.log(t_max), grid_size)
+    args = (_Covariances.of(ou, data, t_max), alpha)
+    u = jnp.linspace(jnp.log(t_min), jnp.log(t_max), options.grid_size)
     F = jax.vmap(lambda uu: residual(uu, args))(u)
-    j = _roots.last_crossing(F)
-    jc = jnp.clip(j, 0, grid_size - 2)
-    bracketed = (j >= 0) & (j < grid_size - 1)
-    valid = data.valid() & jnp.all(jnp.isfinite(ou.M)) & (ou.sigma_w2 > 0) & jnp.isfinite(alpha)
-    stable = ou.stable()
-    ok = valid & stable & (alpha > 0) & bracketed & jnp.all(jnp.isfinite(F))
-    logt, optx_result = _roots.bracketed_newton(
-        residual, args, u[jc], u[jc + 1], F[jc], F[jc + 1], ok,
-        rtol=rtol, atol=atol, max_steps=max_steps,
+    finite_M = jnp.asarray(True) if ou.time_dependent else jnp.all(jnp.isfinite(ou.M))
+    valid = data.valid() & finite_M & (ou.sigma_w2 > 0) & jnp.isfinite(alpha)
+    checks = [(valid, RESULTS.invalid_parameters), (ou.stable(), RESULTS.unstable), (alpha > 0, RESULTS.no_collapse),
+              (jnp.all(jnp.isfinite(F)), RESULTS.collapse_out_of_range)]
+    logt, _, result = _roots.solve_last_crossing(
+        residual, args, F, lambda jc: (u[jc], u[jc + 1]), checks, no_crossing=RESULTS.collapse_out_of_range,
+        crossing_at_end=RESULTS.collapse_out_of_range, options=options,
     )
-    result = RESULTS.where(ok, RESULTS.promote(optx_result), RESULTS.collapse_out_of_range)
-    result = RESULTS.where(alpha > 0, result, RESULTS.no_collapse)
-    result = RESULTS.where(stable, result, RESULTS.unstable)
-    result = RESULTS.where(valid, result, RESULTS.invalid_parameters)
     return logt, result
-
-
-@eqx.filter_jit
-def _collapse_core_td(ou, data, alpha, t_min, t_max, *, conditional, target, grid_size, rtol, atol, max_steps):
-    """Time-dependent M: the collapse condition from the dense ODE moments on a log-t grid."""
-    from .moments import MomentPath
-
-    path = MomentPath.of(ou, t_max)
-
-    def lhs(logt, path_, data_):
-        E, Q = path_(jnp.exp(logt))
-        C = Mat.of(E @ (data_.variances[:, None] * E.T) + Q)
-        Q = Mat.of(Q)
-        if not conditional:
-            return (jnp.log(C.det()) - jnp.log(Q.det())) / (2 * ou.k)
-        return 0.5 * (jnp.log(_schur(C, target)) - jnp.log(_schur(Q, target)))
-
-    def residual(logt, a):
-        path_, data_, alpha_ = a
-        return lhs(logt, path_, data_) - alpha_
-
-    args = (path, data, alpha)
-    u = jnp.linspace(jnp.log(t_min), jnp.log(t_max), grid_size)
-    F = jax.vmap(lambda uu: residual(uu, args))(u)
-    j = _roots.last_crossing(F)
-    jc = jnp.clip(j, 0, grid_size - 2)
-    bracketed = (j >= 0) & (j < grid_size - 1)
-    valid = data.valid() & (ou.sigma_w2 > 0) & jnp.isfinite(alpha)
-    stable = ou.stable()
-    ok = valid & stable & (alpha > 0) & bracketed & jnp.all(jnp.isfinite(F))
-    logt, optx_result = _roots.bracketed_newton(
-        residual, args, u[jc], u[jc + 1], F[jc], F[jc + 1], ok, rtol=rtol, atol=atol, max_steps=max_steps,
-    )
-    result = RESULTS.where(ok, RESULTS.promote(optx_result), RESULTS.collapse_out_of_range)
-    result = RESULTS.where(alpha > 0, result, RESULTS.no_collapse)
-    result = RESULTS.where(stable, result, RESULTS.unstable)
-    result = RESULTS.where(valid, result, RESULTS.invalid_parameters)
-    return logt, result
-
-
-def mode_collapse_times(ou: CoupledOU, data: TwoClassMixture, *, alpha, throw: bool = True):
-    r"""Collapse time of each eigenmode of a symmetric M (eq 77-78), closed form.
-
-    $t_{C,\pm} = \frac{1}{\tau_\pm}\log\big(1 + \frac{\sigma^2}{\sigma_W^2}\frac{\tau_\pm}{e^{2\alpha} - 1}\big)$
-    with $\tau_\pm = -2\lambda_\pm$ and the per-mode $\alpha = \log n / d$ (see the module
-    docstring for why this is eq 78's $n^{1/d}$). Returns a tuple of [`Solution`][]s in
-    [`eigenmodes`][] order (`(tc_plus, tc_minus)` for eq 2).
-    """
-    lam, _, sigma2, decomposable = _mode_setup(ou, data)
-    alpha = as_float(alpha, "alpha").astype(lam.dtype)
-    tau = -2 * lam
-    stable = (tau > 0) & ou.stable()
-    tau_s = jnp.where(stable, tau, 1.0)
-    r = sigma2 / ou.sigma_w2
-    t = jnp.log1p(r * tau_s / jnp.expm1(2 * alpha)) / tau_s
-    out = []
-    for i in range(lam.shape[0]):
-        result = RESULTS.where(alpha > 0, RESULTS.successful, RESULTS.no_collapse)
-        result = RESULTS.where(stable[i], result, RESULTS.unstable)
-        result = RESULTS.where(decomposable, result, RESULTS.not_mode_decomposable)
-        out.append(finish(t[i], result, throw=throw, what=f"mode_collapse_times (mode {i})"))
-    return tuple(out)
 
 
 def collapse_time_bound(ou: CoupledOU, data: TwoClassMixture, *, alpha):
@@ -258,6 +212,6 @@ def collapse_time_bound(ou: CoupledOU, data: TwoClassMixture, *, alpha):
     From $e^x - 1 \ge x$; exact at $g = 0$. Holds for any stable symmetric M with equal
     variances and any $k$ (with $\alpha = \log n/(kd)$), and for each mode (eq 78).
     """
-    _, _, sigma2, _ = _mode_setup(ou, data)
+    _, _, sigma2, _ = mode_decomposition(ou, data)
     alpha = as_float(alpha, "alpha")
     return jnp.where(alpha > 0, (sigma2 / ou.sigma_w2) / jnp.expm1(2 * alpha), jnp.inf)

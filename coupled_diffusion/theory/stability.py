@@ -2,9 +2,10 @@ r"""Stability of the forward process and confinement of the reverse drift (eq 59
 
 import jax.numpy as jnp
 
+from .._checks import check_same_k
 from .._linalg import Mat, positive_stable
 from .mixture import TwoClassMixture
-from .moments import _check_same_k, moments
+from .moments import moments
 from .ou import CoupledOU
 
 
@@ -31,7 +32,7 @@ def satisfies_eq60(ou: CoupledOU, data: TwoClassMixture):
     Generalised to any symmetric M: $\max_i \sigma_i^2 < \sigma_W^2 / |\lambda_{\min}(M)|$.
     Raises for a non-symmetric M, where eq (60) does not apply (use [`is_confining`][]).
     """
-    _check_same_k(ou, data)
+    check_same_k(ou, data)
     ou.require_constant("satisfies_eq60")
     if ou.structure == "anisotropic":
         raise ValueError("eq (60) is stated for a symmetric M; use `is_confining` for the anisotropic M.")
