@@ -27,9 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import coupled_diffusion as cd
-from coupled_diffusion.experiments.conditional import _forward_x
-from coupled_diffusion.sampling.scores import ConditionalScore, realise_means, sample_data
-from coupled_diffusion.sampling.sde import reverse_conditional, unit_increments
+from coupled_diffusion.sampling.brownian import unit_increments
+from coupled_diffusion.sampling.draws import realize_means, sample_data
+from coupled_diffusion.sampling.scores import ConditionalScore
+from coupled_diffusion.sampling.sde import reverse_conditional
+from coupled_diffusion.sampling.trials import exact_ou_path
 
 BETA, SW2, T, G, D, M2 = 1.0, 2.0, 2.0, 0.5, 32, 0.1
 
@@ -119,11 +121,11 @@ def main():
 
     ou = cd.CoupledOU.anisotropic(BETA, G, SW2)
     data = cd.TwoClassMixture.from_angle(M2, M2, np.pi / 2)
-    means = realise_means(data, D).astype(jnp.float32)
+    means = realize_means(data, D).astype(jnp.float32)
     data = cd.TwoClassMixture(data.gram.astype(jnp.float32), data.variances.astype(jnp.float32))
     key = jax.random.key(0)
     z0, _ = sample_data(key, data, means, n)
-    x_path = _forward_x(z0[:, 0], unit_increments(jax.random.key(1), (N, n, D)), BETA, SW2, T / N)
+    x_path = exact_ou_path(z0[:, 0], unit_increments(jax.random.key(1), (N, n, D)), BETA, SW2, T / N)
     score = ConditionalScore.of(ou, data, means, target=1)
     y_T = score.sample(jax.random.key(2), T, x_path[-1][:, None, :])
 

@@ -216,3 +216,8 @@ def positive_stable(X: Mat):
         H = Mat([[coef(2 * (j + 1) - (i + 1)) for j in range(m)] for i in range(m)])
         ok = ok & (H.det() > 0)
     return ok
+
+
+def kron_apply(A, z):
+    r"""$(A \otimes I_d)\, z$: a $k \times k$ matrix `A` applied along the modality axis of states `z` of shape `(..., k, d)`."""
+    return jnp.einsum("ij,...jd->...id", A, z)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from .sampling.trials import ConditionalTrials, trial_metrics
 from .schedules import Constant
 from .theory.collapse import collapse_time
 from .theory.mixture import TwoClassMixture
@@ -289,8 +290,6 @@ def alignment_objective(
 
     aux: `acc`, `soft_acc`, `nll`, `mse` (batch means), and `d_nll` with a budget.
     """
-    from .experiments.conditional import ConditionalTrials, trial_metrics
-
     if not (isinstance(n_trials, int) and n_trials >= 2):
         raise ValueError(f"`n_trials` must be an integer >= 2, got {n_trials!r}.")
     if surrogate not in ("soft", "cross_entropy"):

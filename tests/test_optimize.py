@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import coupled_diffusion as cd
-from coupled_diffusion.experiments.conditional import ConditionalTrials, trial_metrics
+from coupled_diffusion.sampling.trials import ConditionalTrials, trial_metrics
 from coupled_diffusion.schedules import Constant, PiecewiseLinear
 
 DATA = cd.TwoClassMixture.from_angle(1.0, 1.0, 0.5)

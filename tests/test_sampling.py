@@ -8,21 +8,9 @@ from scipy import stats
 from scipy.special import logsumexp
 
 import coupled_diffusion as cd
-from coupled_diffusion.sampling.cloning import (
-    clone_agreement,
-    clone_agreement_theory,
-    memorization_curve,
-    sample_empirical,
-    wilson_interval,
-)
-from coupled_diffusion.sampling.scores import (
-    ConditionalScore,
-    EmpiricalScore,
-    PopulationScore,
-    realise_means,
-    sample_data,
-    sample_marginal,
-)
+from coupled_diffusion.sampling.cloning import clone_agreement, clone_agreement_theory, memorization_curve, wilson_interval
+from coupled_diffusion.sampling.draws import realise_means, sample_data, sample_empirical, sample_marginal
+from coupled_diffusion.sampling.scores import ConditionalScore, EmpiricalScore, PopulationScore
 from coupled_diffusion.sampling.sde import forward_sde, probability_flow, reverse_sde
 from coupled_diffusion.schedules import Early, Late
 from tests import reference as ref

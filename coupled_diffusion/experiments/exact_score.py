@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..sampling.cloning import clone_agreement, clone_agreement_theory, last_crossing_time, memorization_curve
-from ..sampling.scores import realise_means, sample_data
+from ..sampling.draws import realize_means, sample_data
 from ..theory.collapse import collapse_time
 from ..theory.mixture import TwoClassMixture
 from ..theory.ou import CoupledOU
@@ -80,7 +80,7 @@ def memorization_vs_collapse(
     rows = []
     for i, (d, n) in enumerate(cases):
         kp, kr = jax.random.split(jax.random.fold_in(key, i))
-        pts, _ = sample_data(kp, data, realise_means(data, int(d)), int(n))
+        pts, _ = sample_data(kp, data, realize_means(data, int(d)), int(n))
         curve = memorization_curve(ou, pts.astype(jnp.float32), np.geomspace(0.005, 3.0, 32), n_samples=n_samples,
                                    n_steps=n_steps, t_max=t_max, key=kr)
         t_c = collapse_time(ou, data, alpha=float(np.log(n) / d), throw=False)

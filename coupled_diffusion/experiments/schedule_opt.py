@@ -26,8 +26,8 @@ import numpy as np
 import optax
 
 from ..optimize import alignment_objective, optimize_schedule
+from ..sampling.trials import ConditionalTrials, compare_schedules, evaluate_trials, paired_difference, summarize
 from ..schedules import Constant, Early, Late, PiecewiseLinear
-from .conditional import ConditionalTrials, _metrics, compare_schedules, paired_difference, summarise
 
 KNOTS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0, 1.5, 2.0)
 
@@ -103,10 +103,10 @@ def schedule_experiment(
             test = ConditionalTrials.draw(jax.random.fold_in(k_test, c), float(theta), n_trials=min(n_val, n_test - c * n_val),
                                           **trial_kw)
             for name, s in (("baseline", Constant(jnp.zeros((), jnp.float32))), ("learned", res.schedule), ("best", grid[best])):
-                per_trial[name].append(_metrics(s, test))
+                per_trial[name].append(evaluate_trials(s, test))
         m = {name: {k: np.concatenate([r[k] for r in rows]) for k in rows[0]} for name, rows in per_trial.items()}
         tested = {
-            "baseline": summarise(m["baseline"]),
+            "baseline": summarize(m["baseline"]),
             "learned": paired_difference(m["learned"], m["baseline"]),
             "best": paired_difference(m["best"], m["baseline"]),
             "vs_best": paired_difference(m["learned"], m["best"]),

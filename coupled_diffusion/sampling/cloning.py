@@ -9,7 +9,6 @@ r"""Cloning (speciation) and memorisation (collapse) experiments with exact scor
   exceeds 1/2, as a function of time, against the REM collapse time.
 """
 
-import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -18,8 +17,9 @@ import numpy as np
 from ..theory.mixture import TwoClassMixture
 from ..theory.moments import MomentPath
 from ..theory.ou import CoupledOU
-from .scores import EmpiricalScore, PopulationScore, realise_means, sample_marginal
-from .sde import _drift_M, _sde_terms, _solver, reverse_sde
+from .draws import realize_means, sample_empirical, sample_marginal
+from .scores import EmpiricalScore, PopulationScore
+from .sde import continue_reverse_sde, reverse_sde
 
 
 def wilson_interval(successes, n, z: float = 1.959963984540054):
@@ -46,18 +46,45 @@ def last_crossing_time(t, values, level: float) -> float:
     return float(t[j] + (a[j] - level) / (a[j] - a[j + 1]) * (t[j + 1] - t[j]))
 
 
-class CloneCurve(eqx.Module):
-    """Clone agreement per branch time, with 95% Wilson intervals."""
+class ProportionCurve(eqx.Module):
+    """A binomial proportion measured at several times, with 95% Wilson intervals.
 
-    t_branch: jax.Array
-    agreement: jax.Array
+    What [`clone_agreement`][] (the fraction of clone pairs that agree, per branch time) and
+    [`memorization_curve`][] (the fraction of memorised samples, per time) return.
+
+    **Attributes:**
+
+    - `t`: the times, increasing.
+    - `value`: the proportion at each time; `lower`, `upper`: its 95% Wilson interval.
+    - `n`: the number of trials behind each proportion.
+    - `level`: the curve's natural threshold, the default of [`ProportionCurve.crossing`][]
+        (0.75 for clone agreement, 1/2 for memorisation).
+
+    The names of the two experiments read too: `t_branch` and `agreement`, `n_pairs`
+    (cloning); `fraction`, `n_samples` (memorisation).
+    """
+
+    t: jax.Array
+    value: jax.Array
     lower: jax.Array
     upper: jax.Array
-    n_pairs: int = eqx.field(static=True)
+    n: int = eqx.field(static=True)
+    level: float = eqx.field(static=True, default=0.5)
 
-    def crossing(self, level: float = 0.75):
-        r"""The branch time where the agreement curve crosses `level` (see [`last_crossing_time`][])."""
-        return last_crossing_time(self.t_branch, self.agreement, level)
+    def crossing(self, level: float | None = None):
+        r"""The largest time at which the curve (falling with $t$) is still $\ge$ `level` (default `self.level`),
+        linearly interpolated to the next time; NaN if it never reaches `level` or never leaves it."""
+        return last_crossing_time(self.t, self.value, self.level if level is None else level)
+
+    t_branch = property(lambda self: self.t, doc="The branch times (cloning).")
+    agreement = property(lambda self: self.value, doc="The clone agreement (cloning).")
+    fraction = property(lambda self: self.value, doc="The memorised fraction (memorisation).")
+    n_pairs = property(lambda self: self.n, doc="Clone pairs per branch time (cloning).")
+    n_samples = property(lambda self: self.n, doc="Samples per time (memorisation).")
+
+
+CloneCurve = ProportionCurve  # the names under which the two experiments' curves were introduced
+MemorizationCurve = ProportionCurve
 
 
 def clone_agreement_theory(ou: CoupledOU, data: TwoClassMixture, t, *, dim: int, n_nodes: int = 96):
@@ -89,31 +116,11 @@ def clone_agreement_theory(ou: CoupledOU, data: TwoClassMixture, t, *, dim: int,
     return jnp.vectorize(one)(t)
 
 
-def _continue(ou, score, z, key, s0, s1, dt, increments, solver, n_max):
-    """Reverse SDE from reverse time `s0` to `s1` in steps of `dt`; `s0` may be traced (one compilation for all)."""
-    dtype = z.dtype
-    sigma = jnp.sqrt(jnp.asarray(ou.sigma_w2, dtype))
-    sw2 = sigma**2
-    t_top = s1  # forward time t = s1 - s, so s = s1 is t = 0
-
-    def drift(s, zz, args):
-        t = t_top - s
-        return -jnp.einsum("ij,...jd->...id", _drift_M(ou, t, dtype), zz) + sw2 * score(t, zz)
-
-    solver = _solver(solver)
-    grid = jnp.stack([jnp.zeros((), dtype), dt])
-    terms = _sde_terms(drift, sigma, z.shape, key, grid, dtype, increments, solver)
-    sol = diffrax.diffeqsolve(
-        terms, solver, s0, s1, dt, z, stepsize_controller=diffrax.ConstantStepSize(),
-        saveat=diffrax.SaveAt(t1=True), max_steps=n_max,
-    )
-    return sol.ys[-1]
-
-
 @eqx.filter_jit
-def _clone_pairs(ou, score, z_b, key, s0, s1, dt, increments, solver, n_max):
+def _clone_pairs(ou, score, z_b, key, t_from, t_max, dt, increments, max_steps):
     pair = jnp.stack([z_b, z_b])  # two clones of every master state, one noise draw per step for both
-    return _continue(ou, score, pair, key, s0, s1, dt, increments, solver, n_max)
+    return continue_reverse_sde(ou, score, pair, key=key, t_from=t_from, t_max=t_max, dt=dt, max_steps=max_steps,
+                                increments=increments)
 
 
 @eqx.filter_jit
@@ -134,7 +141,7 @@ def clone_agreement(
     increments: str = "gaussian",
     means=None,
     dtype=jnp.float32,
-) -> CloneCurve:
+) -> ProportionCurve:
     r"""Fraction of clone pairs that end in the same class, per branch time (Biroli et al. 2024).
 
     `n_pairs` master trajectories start from the exact $P_{t_{max}}$ and run the reverse SDE
@@ -147,7 +154,7 @@ def clone_agreement(
     Compare the curve's location with `speciation_time(ou, data, dim=dim)` (the unscaled,
     finite-$d$ criterion $d\,\kappa = 1$), not the per-dimension one.
 
-    **Returns:** a [`CloneCurve`][] (agreement and 95% Wilson interval per branch time,
+    **Returns:** a [`ProportionCurve`][] (agreement and 95% Wilson interval per branch time,
     at the grid-rounded branch times).
     """
     t_branch = np.atleast_1d(np.asarray(t_branch, float))
@@ -162,7 +169,7 @@ def clone_agreement(
     dt = t_max / n_steps
     idx = np.clip(np.round(t_branch / dt).astype(int), 1, n_steps - 1)
     uniq = np.unique(idx)
-    means = realise_means(data, dim) if means is None else jnp.asarray(means)
+    means = realize_means(data, dim) if means is None else jnp.asarray(means)
     means = means.astype(dtype)
     score = PopulationScore.of(ou, data, means, t_max=t_max)
     k_init, k_master, k_clone = jax.random.split(key, 3)
@@ -175,39 +182,13 @@ def clone_agreement(
     direction = means
     agree = {}
     for j, i_b in enumerate(uniq[::-1]):
-        s_end = jnp.asarray(t_max, dtype)  # reverse time of t = 0
-        s0 = jnp.asarray((n_steps - i_b) * dt, dtype)
-        ends = _clone_pairs(ou, score, saved[j], jax.random.fold_in(k_clone, int(i_b)), s0, s_end,
-                            jnp.asarray(dt, dtype), increments, "euler", n_steps + 1)
+        ends = _clone_pairs(ou, score, saved[j], jax.random.fold_in(k_clone, int(i_b)), jnp.asarray(i_b * dt, dtype),
+                            jnp.asarray(t_max, dtype), jnp.asarray(dt, dtype), increments, n_steps + 1)
         cls = jnp.sign(jnp.sum(ends * direction, axis=(-2, -1)))
         agree[int(i_b)] = int(jnp.sum(cls[0] == cls[1]))
     counts = np.array([agree[int(i)] for i in idx])
     lo, hi = wilson_interval(counts, n_pairs)
-    return CloneCurve(jnp.asarray(idx * dt), jnp.asarray(counts / n_pairs), lo, hi, n_pairs)
-
-
-class MemorizationCurve(eqx.Module):
-    """Fraction of samples whose largest posterior weight exceeds 1/2, per time."""
-
-    t: jax.Array
-    fraction: jax.Array
-    lower: jax.Array
-    upper: jax.Array
-    n_samples: int = eqx.field(static=True)
-
-    def crossing(self, level: float = 0.5):
-        """The largest time at which the fraction is still >= `level` (linear interpolation; NaN if none)."""
-        return last_crossing_time(self.t, self.fraction, level)
-
-
-def sample_empirical(key, path: MomentPath, points, t, n: int):
-    r"""`n` exact draws from $p_t^{(n)}$ (eq 18): a uniformly chosen training point, drifted, plus $N(0, Q(t))$."""
-    E, Q = path(t)
-    k_i, k_z = jax.random.split(key)
-    i = jax.random.randint(k_i, (n,), 0, points.shape[0])
-    noise = jax.random.normal(k_z, (n,) + points.shape[1:], points.dtype)
-    L = jnp.linalg.cholesky(0.5 * (Q + Q.T)).astype(points.dtype)
-    return jnp.einsum("ij,njd->nid", E.astype(points.dtype), points[i]) + jnp.einsum("ij,njd->nid", L, noise)
+    return ProportionCurve(jnp.asarray(idx * dt), jnp.asarray(counts / n_pairs), lo, hi, n_pairs, level=0.75)
 
 
 def memorization_curve(
@@ -221,7 +202,7 @@ def memorization_curve(
     key,
     chunk: int = 2048,
     increments: str = "gaussian",
-) -> MemorizationCurve:
+) -> ProportionCurve:
     r"""Memorisation under the exact empirical score of `points` (shape `(n, k, d)`).
 
     `n_samples` trajectories start from the exact $p^{(n)}_{t_{max}}$ and run the reverse
@@ -245,5 +226,5 @@ def memorization_curve(
     frac = jax.lax.map(lambda a: jnp.mean(score.max_weight(a[0], a[1])[0] > 0.5), (times, saved))
     counts = np.rint(np.asarray(frac) * n_samples)
     lo, hi = wilson_interval(counts, n_samples)
-    return MemorizationCurve(times[::-1], jnp.asarray(frac)[::-1], lo[::-1], hi[::-1], n_samples)
+    return ProportionCurve(times[::-1], jnp.asarray(frac)[::-1], lo[::-1], hi[::-1], n_samples, level=0.5)
 

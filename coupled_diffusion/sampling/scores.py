@@ -13,69 +13,11 @@ time `t`; they are `jit`/`vmap`/`grad`-able.
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from .._checks import as_float, concrete
-from .._linalg import Mat
+from .._linalg import Mat, kron_apply
 from ..theory.mixture import TwoClassMixture
-from ..theory.moments import MomentPath
+from ..theory.moments import MomentPath, marginal_moments
 from ..theory.ou import CoupledOU
-
-
-def _apply(A, z):
-    """$(A \\otimes I_d) z$ for a $k \\times k$ `A` and states `z` of shape `(..., k, d)`."""
-    return jnp.einsum("ij,...jd->...id", A, z)
-
-
-def realise_means(data: TwoClassMixture, dim: int, *, basis=None):
-    r"""Class means $\mu(0)$ of shape `(k, dim)` whose per-dimension Gram matrix is `data.gram`.
-
-    $\mu = \sqrt{d}\, L B^\top$ with $L L^\top = G_0$ (from `eigh`, so a singular Gram
-    matrix such as $\theta = 0$ is fine) and $B$ a `(dim, k)` matrix with orthonormal
-    columns: by default the first $k$ coordinate axes. The exact-score dynamics are
-    rotation-equivariant, so the choice of $B$ changes nothing in law; pass `basis` to
-    fix the means' directions (e.g. $\mathbf 1/\sqrt d$ for the $\mu = (1, \dots, 1)$ of
-    Biroli et al. 2024).
-    """
-    k = data.k
-    if not (isinstance(dim, int | np.integer) and dim >= k):
-        raise ValueError(f"`dim` must be an integer >= k = {k} (the dimension of each modality), got {dim!r}.")
-    lam, V = jnp.linalg.eigh(data.gram)
-    L = V * jnp.sqrt(jnp.clip(lam, 0.0))
-    if basis is None:
-        basis = jnp.eye(dim, k, dtype=L.dtype)
-    else:
-        basis = as_float(basis, "basis")
-        if basis.shape != (dim, k):
-            raise ValueError(f"`basis` must have shape (dim, k) = ({dim}, {k}), got {basis.shape}.")
-        B = concrete(basis)
-        if B is not None and not np.allclose(B.T @ B, np.eye(k), atol=1e-6):
-            raise ValueError("`basis` must have orthonormal columns (basis.T @ basis = I).")
-    return jnp.sqrt(jnp.asarray(dim, L.dtype)) * L @ basis.T
-
-
-def sample_data(key, data: TwoClassMixture, means, n: int):
-    r"""`n` draws from $P_0$ (eq 13-14): returns `(z, labels)`, `z` of shape `(n, k, d)`, labels $\pm 1$."""
-    k_s, k_z = jax.random.split(key)
-    labels = jnp.where(jax.random.bernoulli(k_s, 0.5, (n,)), 1.0, -1.0).astype(means.dtype)
-    noise = jax.random.normal(k_z, (n,) + means.shape, means.dtype)
-    return labels[:, None, None] * means + jnp.sqrt(data.variances)[:, None] * noise, labels
-
-
-def _EC(path: MomentPath, variances, t):
-    E, Q = path(t)
-    C = E @ (variances[:, None] * E.T) + Q
-    return E, Q, 0.5 * (C + C.T)
-
-
-def sample_marginal(key, path: MomentPath, data: TwoClassMixture, means, t, n: int):
-    r"""`n` exact draws from $P_t$ (eq 19): $\pm\mu(t) + (L_C \otimes I_d)\xi$, $L_C L_C^\top = C(t)$."""
-    E, _, C = _EC(path, data.variances, t)
-    k_s, k_z = jax.random.split(key)
-    labels = jnp.where(jax.random.bernoulli(k_s, 0.5, (n,)), 1.0, -1.0).astype(means.dtype)
-    noise = jax.random.normal(k_z, (n,) + means.shape, means.dtype)
-    mu = E @ means
-    return labels[:, None, None] * mu + _apply(jnp.linalg.cholesky(C).astype(means.dtype), noise), labels
 
 
 class PopulationScore(eqx.Module):
@@ -98,10 +40,10 @@ class PopulationScore(eqx.Module):
 
     def _parts(self, t, z):
         _check_state(z, self.means.shape, "z")
-        E, _, C = _EC(self.path, self.variances, t)
+        E, _, C = marginal_moments(self.path, t, self.variances)
         Ci = jnp.linalg.inv(C).astype(z.dtype)
         mu = (E @ self.means).astype(z.dtype)
-        a = _apply(Ci, z)
+        a = kron_apply(Ci, z)
         u = jnp.sum(mu * a, axis=(-2, -1))
         return C, Ci, mu, a, u
 
@@ -175,7 +117,7 @@ class EmpiricalScore(eqx.Module):
         E, Q = self.path(t)
         Qi = jnp.linalg.inv(0.5 * (Q + Q.T)).astype(z.dtype)
         E = E.astype(z.dtype)
-        a = _apply(Qi, z)  # (..., k, d)
+        a = kron_apply(Qi, z)  # (..., k, d)
         batch = z.shape[:-2]
         flat_a = a.reshape((-1,) + z.shape[-2:])
         n, c = self.points.shape[0], self.chunk
@@ -187,8 +129,8 @@ class EmpiricalScore(eqx.Module):
         def body(carry, xs):
             m_run, s_run, w_run, best, arg = carry
             P, ok, offset = xs
-            m = _apply(E, P)  # E z_i, (c, k, d)
-            logits = jnp.einsum("bkd,ckd->bc", flat_a, m) - 0.5 * jnp.sum(m * _apply(Qi, m), axis=(-2, -1))
+            m = kron_apply(E, P)  # E z_i, (c, k, d)
+            logits = jnp.einsum("bkd,ckd->bc", flat_a, m) - 0.5 * jnp.sum(m * kron_apply(Qi, m), axis=(-2, -1))
             logits = jnp.where(ok, logits, -jnp.inf)
             c_max = jnp.max(logits, axis=1)
             new_m = jnp.maximum(m_run, c_max)
@@ -210,7 +152,7 @@ class EmpiricalScore(eqx.Module):
         offsets = jnp.arange(n_chunks, dtype=jnp.int32) * c
         (m_run, s_run, w_run, best, arg), _ = jax.lax.scan(body, init, (pts, valid, offsets))
         mean = w_run / s_run[:, None, None]
-        score = (_apply(Qi, mean) - flat_a).reshape(z.shape)
+        score = (kron_apply(Qi, mean) - flat_a).reshape(z.shape)
         log_z = (m_run + jnp.log(s_run)).reshape(batch)
         return score, log_z, best.reshape(batch), arg.reshape(batch)
 
@@ -226,9 +168,9 @@ class EmpiricalScore(eqx.Module):
         r"""All posterior weights $w_i(z)$ (eq 31), shape `batch + (n,)` (materialised: small n only)."""
         E, Q = self.path(t)
         Qi = jnp.linalg.inv(0.5 * (Q + Q.T)).astype(z.dtype)
-        m = _apply(E.astype(z.dtype), self.points.astype(z.dtype))
+        m = kron_apply(E.astype(z.dtype), self.points.astype(z.dtype))
         r = z[..., None, :, :] - m
-        return jax.nn.softmax(-0.5 * jnp.sum(r * _apply(Qi, r), axis=(-2, -1)), axis=-1)
+        return jax.nn.softmax(-0.5 * jnp.sum(r * kron_apply(Qi, r), axis=(-2, -1)), axis=-1)
 
 
 class ConditionalScore(eqx.Module):
@@ -262,7 +204,7 @@ class ConditionalScore(eqx.Module):
         """Per-time quantities: $C_{y|x}$, $K = C_{yx}C_{xx}^{-1}$, $\\delta = \\mu_y - K\\mu_x$, and $h = \\mu_x^\\top C_{xx}^{-1} x$."""
         k = self.means.shape[0]
         rest = [i for i in range(k) if i != self.target]
-        E, _, C = _EC(self.path, self.variances, t)
+        E, _, C = marginal_moments(self.path, t, self.variances)
         mu = (E @ self.means).astype(x.dtype)
         Cm = Mat.of(C)
         C_xx = Mat([[Cm[i, j] for j in rest] for i in rest])

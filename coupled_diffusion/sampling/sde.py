@@ -7,21 +7,10 @@ probability-flow ODE is $dZ/ds = -M(t) Z + \frac{\sigma_W^2}{2} \nabla \log p_t(
 **How the diffrax overheads are removed.** A whole batch of trajectories is *one*
 state of shape `(batch, k, d)` (never a `vmap` of `diffeqsolve` over samples); steps are
 `diffrax.StepTo` on a fixed grid (exact step boundaries, so saved states at branch times
-are grid states, not interpolations); and the noise is a [`GridBrownianPath`][], a
-diffrax `AbstractBrownianPath` that draws the whole batch's increment for step $i$
-from `fold_in(key, i)` in one call. diffrax's `VirtualBrownianTree` (a tree descent
-per step, the reported source of large SDE slowdowns) and its `UnsafeBrownianPath`
-(which keys on the bit pattern of the times) are avoided; keying on the step index
-also makes cloning exact: clones share a trajectory's past and draw their own future.
-The diffusion is `ControlTerm` with a lineax scaled identity, so no `(kd) x (kd)`
-matrix exists.
-
-**Increments.** `"gaussian"` (default) draws $N(0, \Delta s)$. `"rademacher"` draws
-$\pm\sqrt{\Delta s}$ with probability 1/2 each (32 signs from one 32-bit random word):
-Euler-Maruyama keeps its weak order 1 (the increments match the Gaussian's first three
-moments), so distributions, cloning curves and expectations agree with the Gaussian
-sampler within Monte Carlo error, at a fraction of the cost of drawing normals.
-Individual paths are not Brownian: do not use it for strong (pathwise) questions.
+are grid states, not interpolations); and the noise is a [`GridBrownianPath`][]
+(`brownian.py`), which draws the whole batch's increment for step $i$ from
+`fold_in(key, i)` in one call. The diffusion is `ControlTerm` with a lineax scaled
+identity, so no `(kd) x (kd)` matrix exists.
 """
 
 import diffrax
@@ -32,112 +21,11 @@ import lineax as lx
 import numpy as np
 
 from .._checks import concrete
+from .._linalg import kron_apply
 from ..theory.moments import MomentPath
+from .brownian import GridBrownianPath, TabulatedBrownianPath
 
-INCREMENTS = ("gaussian", "rademacher")
 SOLVERS = ("euler", "heun", "shark")
-
-
-class GridBrownianPath(diffrax.AbstractBrownianPath):
-    r"""Brownian increments on a uniform grid, one key per step (see the module docstring).
-
-    `evaluate(t0, t1)` returns the increment over the grid step starting at `t0`
-    (index $i = \mathrm{round}((t_0 - \text{start}) / \text{dt})$), drawn from
-    `fold_in(key, i)` and scaled by $\sqrt{t_1 - t_0}$. Use it with steps on that grid.
-    With `levy_area=diffrax.SpaceTimeLevyArea` it also returns the space-time Lévy area
-    $H \sim N(0, \Delta t / 12)$ needed by additive-noise Runge-Kutta solvers (ShARK).
-    """
-
-    shape: tuple = eqx.field(static=True)
-    dtype: jnp.dtype = eqx.field(static=True)
-    key: jax.Array
-    start: jax.Array
-    dt: jax.Array
-    increments: str = eqx.field(static=True)
-    levy_area: type = eqx.field(static=True)
-
-    def __init__(self, shape, key, *, start, dt, dtype=jnp.float32, increments="gaussian", levy_area=diffrax.BrownianIncrement):
-        if increments not in INCREMENTS:
-            raise ValueError(f"`increments` must be one of {INCREMENTS}, got {increments!r}.")
-        if increments == "rademacher" and levy_area is not diffrax.BrownianIncrement:
-            raise ValueError("Rademacher increments carry no Levy area: use them with Euler-Maruyama only.")
-        self.shape, self.dtype, self.key = tuple(shape), jnp.dtype(dtype), key
-        self.start, self.dt = jnp.asarray(start), jnp.asarray(dt)
-        self.increments, self.levy_area = increments, levy_area
-
-    @property
-    def t0(self):
-        return -jnp.inf
-
-    @property
-    def t1(self):
-        return jnp.inf
-
-    def evaluate(self, t0, t1=None, left=True, use_levy=False):
-        del left
-        if t1 is None:
-            raise ValueError("GridBrownianPath gives increments over a step; call evaluate(t0, t1).")
-        h = jnp.asarray(t1 - t0, self.dtype)
-        index = jnp.round((t0 - self.start) / self.dt).astype(jnp.int32)
-        key = jax.random.fold_in(self.key, index)
-        W = jnp.sqrt(h) * _unit_increments(key, self.shape, self.dtype, self.increments)
-        if not use_levy:
-            return W
-        if self.levy_area is diffrax.SpaceTimeLevyArea:
-            H = jnp.sqrt(h / 12) * jax.random.normal(jax.random.fold_in(key, 1), self.shape, self.dtype)
-            return diffrax.SpaceTimeLevyArea(dt=h, W=W, H=H)
-        return diffrax.BrownianIncrement(dt=h, W=W)
-
-
-class TabulatedBrownianPath(diffrax.AbstractBrownianPath):
-    r"""Brownian increments read from a table of unit draws `table[i]` for grid step $i$.
-
-    For common random numbers: several solves (e.g. coupling schedules compared with a
-    baseline) read the same table, so their differences carry no noise-to-noise
-    variance. `evaluate(t0, t1)` returns $\sqrt{t_1 - t_0}$ `table[i]` with
-    $i = \mathrm{round}((t_0 - \text{start}) / \text{dt})$.
-    """
-
-    table: jax.Array
-    start: jax.Array
-    dt: jax.Array
-    levy_area: type = eqx.field(static=True, default=diffrax.BrownianIncrement)
-
-    @property
-    def t0(self):
-        return -jnp.inf
-
-    @property
-    def t1(self):
-        return jnp.inf
-
-    def evaluate(self, t0, t1=None, left=True, use_levy=False):
-        del left
-        if t1 is None:
-            raise ValueError("TabulatedBrownianPath gives increments over a step; call evaluate(t0, t1).")
-        h = jnp.asarray(t1 - t0, self.table.dtype)
-        index = jnp.clip(jnp.round((t0 - self.start) / self.dt).astype(jnp.int32), 0, self.table.shape[0] - 1)
-        W = jnp.sqrt(h) * self.table[index]
-        return diffrax.BrownianIncrement(dt=h, W=W) if use_levy else W
-
-
-def unit_increments(key, shape, dtype=jnp.float32, kind: str = "gaussian"):
-    """Unit-variance increments of the given kind (`"gaussian"` or `"rademacher"`)."""
-    if kind not in INCREMENTS:
-        raise ValueError(f"`increments` must be one of {INCREMENTS}, got {kind!r}.")
-    return _unit_increments(key, tuple(shape), jnp.dtype(dtype), kind)
-
-
-def _unit_increments(key, shape, dtype, kind):
-    if kind == "gaussian":
-        return jax.random.normal(key, shape, dtype)
-    # 32 fair signs per 32-bit word
-    n = 1
-    for s in shape:
-        n *= s
-    words = jax.random.bits(key, (-(-n // 32),), jnp.uint32)
-    bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
-    return (2.0 * bits.reshape(-1)[:n].astype(dtype) - 1.0).reshape(shape)
 
 
 def _solver(solver):
@@ -169,16 +57,35 @@ def _grid(t_start, t_end, n_steps, dtype):
     return jnp.linspace(jnp.asarray(0.0, dtype), jnp.asarray(t_start - t_end, dtype), n_steps + 1)
 
 
-def _drift_M(ou, t, dtype):
-    return ou.drift_matrix(t).astype(dtype)
-
-
-def _sde_terms(drift, sigma, shape, key, grid, dtype, increments, solver):
+def _grid_path(shape, key, grid, dtype, increments, solver):
+    """The Brownian path of a fixed-step solve on `grid` (with the Lévy area the solver needs)."""
     levy = diffrax.SpaceTimeLevyArea if isinstance(solver, diffrax.ShARK | diffrax.SRA1 | diffrax.SEA) else diffrax.BrownianIncrement
-    bm = GridBrownianPath(shape, key, start=grid[0], dt=grid[1] - grid[0], dtype=dtype, increments=increments, levy_area=levy)
+    return GridBrownianPath(shape, key, start=grid[0], dt=grid[1] - grid[0], dtype=dtype, increments=increments, levy_area=levy)
+
+
+def _terms(drift, sigma, path, shape, dtype):
+    """Drift plus additive noise $\sigma\,dW$, the diffusion a lineax scaled identity (no $(kd)^2$ matrix)."""
     structure = jax.ShapeDtypeStruct(shape, dtype)
-    diffusion = diffrax.ControlTerm(lambda s, z, args: sigma * lx.IdentityLinearOperator(structure), bm)
+    diffusion = diffrax.ControlTerm(lambda s, z, args: sigma * lx.IdentityLinearOperator(structure), path)
     return diffrax.MultiTerm(diffrax.ODETerm(drift), diffusion)
+
+
+def _reverse_drift(ou, score, t_top, weight, dtype):
+    r"""The reverse-time drift $-M(t) z + w \nabla \log p_t(z)$ at $t = t_{top} - s$.
+
+    $w = \sigma_W^2$ for the reverse SDE, half that for the probability-flow ODE.
+    """
+
+    def drift(s, z, args):
+        t = t_top - s
+        return -kron_apply(ou.drift_matrix(t).astype(dtype), z) + weight * score(t, z)
+
+    return drift
+
+
+def _fixed_steps(terms, solver, grid, z, saveat, n_steps):
+    return diffrax.diffeqsolve(terms, solver, grid[0], grid[-1], None, z, stepsize_controller=diffrax.StepTo(ts=grid),
+                               saveat=saveat, max_steps=n_steps)
 
 
 def reverse_sde(
@@ -219,26 +126,41 @@ def reverse_sde(
     grid = _grid(t_start, t_end, n_steps, dtype)
     t_top = jnp.asarray(t_start, dtype)
     sigma = jnp.sqrt(jnp.asarray(ou.sigma_w2, dtype))
-    sw2 = sigma**2
     solver = _solver(solver)
-    score = _tabulated(score, t_top - grid, solver)
-
-    def drift(s, zz, args):
-        t = t_top - s
-        return -jnp.einsum("ij,...jd->...id", _drift_M(ou, t, dtype), zz) + sw2 * score(t, zz)
-
-    terms = _sde_terms(drift, sigma, z.shape, key, grid, dtype, increments, solver)
+    drift = _reverse_drift(ou, _tabulated(score, t_top - grid, solver), t_top, sigma**2, dtype)
+    terms = _terms(drift, sigma, _grid_path(z.shape, key, grid, dtype, increments, solver), z.shape, dtype)
     if save_at is None:
         saveat = diffrax.SaveAt(t1=True)
     else:
         saveat = diffrax.SaveAt(ts=t_top - jnp.asarray(save_at, dtype), t1=True)
-    sol = diffrax.diffeqsolve(
-        terms, solver, grid[0], grid[-1], None, z,
-        stepsize_controller=diffrax.StepTo(ts=grid), saveat=saveat, max_steps=n_steps,
-    )
+    sol = _fixed_steps(terms, solver, grid, z, saveat, n_steps)
     if save_at is None:
         return sol.ys[-1]
     return sol.ys[:-1], sol.ys[-1]
+
+
+def continue_reverse_sde(ou, score, z, *, key, t_from, t_max, dt, max_steps: int, solver="euler", increments: str = "gaussian"):
+    r"""Continue reverse trajectories from forward time `t_from` down to 0 in steps of `dt`.
+
+    The steps lie on the grid of a sampler started at `t_max` with step `dt` (reverse time
+    $s = t_{max} - t$, step index $\mathrm{round}(s / dt)$), so states saved by
+    [`reverse_sde`][] at grid times continue exactly as a longer run would, with fresh noise
+    from `key`. `t_from` may be traced: one compilation serves every starting time (clones
+    split off a master trajectory at many branch times); `max_steps` bounds the number of
+    steps (e.g. `round(t_max / dt)`). Returns the states at $t = 0$.
+    """
+    z = jnp.asarray(z)
+    dtype = z.dtype
+    t_top = jnp.asarray(t_max, dtype)  # forward time t = t_max - s, so s = t_max is t = 0
+    dt = jnp.asarray(dt, dtype)
+    sigma = jnp.sqrt(jnp.asarray(ou.sigma_w2, dtype))
+    solver = _solver(solver)
+    grid = jnp.stack([jnp.zeros((), dtype), dt])
+    terms = _terms(_reverse_drift(ou, score, t_top, sigma**2, dtype), sigma, _grid_path(z.shape, key, grid, dtype, increments, solver),
+                   z.shape, dtype)
+    sol = diffrax.diffeqsolve(terms, solver, t_top - jnp.asarray(t_from, dtype), t_top, dt, z,
+                              stepsize_controller=diffrax.ConstantStepSize(), saveat=diffrax.SaveAt(t1=True), max_steps=max_steps)
+    return sol.ys[-1]
 
 
 def forward_sde(ou, z0, *, key, t_end, n_steps: int, increments: str = "gaussian", solver="euler"):
@@ -251,17 +173,10 @@ def forward_sde(ou, z0, *, key, t_end, n_steps: int, increments: str = "gaussian
     dtype = z0.dtype
     grid = _grid(t_end, 0.0, n_steps, dtype)
     sigma = jnp.sqrt(jnp.asarray(ou.sigma_w2, dtype))
-
-    def drift(t, zz, args):
-        return jnp.einsum("ij,...jd->...id", _drift_M(ou, t, dtype), zz)
-
     solver = _solver(solver)
-    terms = _sde_terms(drift, sigma, z0.shape, key, grid, dtype, increments, solver)
-    sol = diffrax.diffeqsolve(
-        terms, solver, grid[0], grid[-1], None, z0,
-        stepsize_controller=diffrax.StepTo(ts=grid), saveat=diffrax.SaveAt(t1=True), max_steps=n_steps,
-    )
-    return sol.ys[-1]
+    drift = lambda t, z, args: kron_apply(ou.drift_matrix(t).astype(dtype), z)
+    terms = _terms(drift, sigma, _grid_path(z0.shape, key, grid, dtype, increments, solver), z0.shape, dtype)
+    return _fixed_steps(terms, solver, grid, z0, diffrax.SaveAt(t1=True), n_steps).ys[-1]
 
 
 def probability_flow(
@@ -277,12 +192,7 @@ def probability_flow(
     z = jnp.asarray(z)
     dtype = z.dtype
     t_top = jnp.asarray(t_start, dtype)
-    half_sw2 = 0.5 * jnp.asarray(ou.sigma_w2, dtype)
-
-    def drift(s, zz, args):
-        t = t_top - s
-        return -jnp.einsum("ij,...jd->...id", _drift_M(ou, t, dtype), zz) + half_sw2 * score(t, zz)
-
+    drift = _reverse_drift(ou, score, t_top, 0.5 * jnp.asarray(ou.sigma_w2, dtype), dtype)
     s1 = jnp.asarray(t_start - t_end, dtype)
     if n_steps is None:
         solver = diffrax.Tsit5() if solver is None else solver
@@ -348,20 +258,12 @@ def reverse_conditional(
         t = t_top - s
         i = jnp.clip(n_steps - jnp.round(s / dt).astype(jnp.int32), 0, n_steps)
         x = x_path[i]
-        M = _drift_M(ou, t, dtype)
+        M = ou.drift_matrix(t).astype(dtype)
         my = M[target, target] * yy + jnp.einsum("j,...jd->...d", M[target, jnp.array(rest)], x)
         return -my + sigma**2 * score(t, yy, x)
 
     if noise is None:
-        bm = GridBrownianPath(y.shape, key, start=grid[0], dt=dt, dtype=dtype, increments=increments)
+        path = GridBrownianPath(y.shape, key, start=grid[0], dt=dt, dtype=dtype, increments=increments)
     else:
-        bm = TabulatedBrownianPath(jnp.asarray(noise, dtype), grid[0], dt)
-    structure = jax.ShapeDtypeStruct(y.shape, dtype)
-    terms = diffrax.MultiTerm(
-        diffrax.ODETerm(drift), diffrax.ControlTerm(lambda s, z, args: sigma * lx.IdentityLinearOperator(structure), bm)
-    )
-    sol = diffrax.diffeqsolve(
-        terms, diffrax.Euler(), grid[0], grid[-1], None, y,
-        stepsize_controller=diffrax.StepTo(ts=grid), saveat=diffrax.SaveAt(t1=True), max_steps=n_steps,
-    )
-    return sol.ys[-1]
+        path = TabulatedBrownianPath(jnp.asarray(noise, dtype), grid[0], dt)
+    return _fixed_steps(_terms(drift, sigma, path, y.shape, dtype), diffrax.Euler(), grid, y, diffrax.SaveAt(t1=True), n_steps).ys[-1]

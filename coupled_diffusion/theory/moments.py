@@ -163,3 +163,11 @@ class GridMoments(eqx.Module):
         on_grid = jnp.abs(self.ts[i] - t) <= 1e-3 * jnp.abs(step)
         guard = jnp.where(on_grid, 1.0, jnp.nan).astype(self.E.dtype)
         return self.E[i] * guard, self.Q[i] * guard
+
+
+def marginal_moments(path: MomentPath | GridMoments, t, variances):
+    r"""$(E, Q, C)$ at a scalar `t` from a moment path, for data with per-modality `variances`:
+    $C = E \Sigma_0 E^\top + Q$ (eq 19), symmetrised."""
+    E, Q = path(t)
+    C = E @ (variances[:, None] * E.T) + Q
+    return E, Q, 0.5 * (C + C.T)
