@@ -33,6 +33,8 @@ from coupled_diffusion.sampling.scores import ConditionalScore
 from coupled_diffusion.sampling.sde import reverse_conditional
 from coupled_diffusion.sampling.trials import exact_ou_path
 
+cd.tune_cpu()  # opt in to the CPU tuning (the library's import changes nothing), before JAX starts
+
 BETA, SW2, T, G, D, M2 = 1.0, 2.0, 2.0, 0.5, 32, 0.1
 
 

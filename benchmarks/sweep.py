@@ -23,6 +23,8 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp, numpy as np
 import coupled_diffusion as cd
 
+cd.tune_cpu()  # opt in to the CPU tuning (the library's import changes nothing), before JAX starts
+
 n, repeats = int(sys.argv[1]), int(sys.argv[2])
 f = lambda g, theta: cd.speciation_time(cd.CoupledOU.anisotropic(1.0, g, 2.0), cd.TwoClassMixture.from_angle(1.0, 1.0, theta),
                                         t_max=10.0, throw=False).value

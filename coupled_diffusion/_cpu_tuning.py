@@ -1,25 +1,28 @@
-"""Host-side tuning for XLA:CPU, applied once when `coupled_diffusion` is imported.
+"""Host-side tuning for XLA:CPU, opt in: `tune_cpu()` (the CLI and the benchmarks call it).
 
-Two settings make this library's convolutional training steps about 1.5x faster on a CPU
-(`benchmarks/README.md`, "CPU tuning"); both must be in place before JAX starts its CPU
-backend, so they are applied at import:
+Importing `coupled_diffusion` changes nothing in the host process. Two settings make this
+library's convolutional training steps about 1.5x faster on a CPU (`benchmarks/README.md`,
+"CPU tuning"), and both change the whole process, so they are applied only on request, by
+`tune_cpu()` before JAX starts its CPU backend (or by `COUPLED_DIFFUSION_CPU_TUNING=1` in the
+environment, which applies them at import):
 
 1. **glibc's allocator keeps freed memory.** XLA:CPU allocates each execution's temporary
    buffer (about 0.9 GB for the paper's U-Net training step at batch 128) from a worker
    thread. glibc serves such sizes from a fresh `mmap` in a worker's arena and unmaps them on
    `free`, so every step touches ~1 GB of new pages: about 240k page faults per step. With a
    single arena, no `mmap` for large blocks and no trimming of the heap's top, the pages are
-   reused (0 faults per step once warm). The price is that the process keeps its peak heap.
+   reused (0 faults per step once warm). The price is that the process keeps its peak heap,
+   which is also why a library should not do this to a process that only imported it.
 2. **XLA:CPU hands dots and their fusions to YNNPACK** (`--xla_cpu_experimental_ynn_fusion_type=dot`).
    jaxlib 0.10's default routes convolutions to YNNPACK, which runs them on one thread here;
    with `dot`, convolutions stay on XLA's multi-threaded Eigen kernels and matmuls go to
    YNNPACK. Only set for the jaxlib versions it was measured on, since XLA aborts on unknown
    flags.
 
-Neither is applied when `COUPLED_DIFFUSION_CPU_TUNING=0`, when JAX will run on an
-accelerator (an accelerator plugin is installed and `JAX_PLATFORMS` does not pin `cpu`),
-or, for the XLA flag, when the backend has already started or `XLA_FLAGS` already chooses a
-YNN fusion type. `cpu_tuning()` reports what was applied and why not.
+Neither is applied when `COUPLED_DIFFUSION_CPU_TUNING=0` (which overrides `tune_cpu()` too),
+when JAX will run on an accelerator (an accelerator plugin is installed and `JAX_PLATFORMS`
+does not pin `cpu`), or, for the XLA flag, when the backend has already started or
+`XLA_FLAGS` already chooses a YNN fusion type. `cpu_tuning()` reports what was applied and why not.
 """
 
 import ctypes
@@ -27,7 +30,7 @@ import importlib.util
 import os
 import platform
 
-__all__ = ["cpu_tuning"]
+__all__ = ["cpu_tuning", "tune_cpu"]
 
 _ENV = "COUPLED_DIFFUSION_CPU_TUNING"
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=dot"
@@ -81,24 +84,38 @@ def _tune_xla_flags() -> str:
     return f"applied: {YNN_FLAG}"
 
 
-def apply() -> None:
-    """Apply the tuning once (called by `coupled_diffusion/__init__.py` before anything else)."""
-    if _REPORT:
-        return
-    if os.environ.get(_ENV, "1").strip() == "0":
-        _REPORT.update(allocator=f"skipped: {_ENV}=0", xla_flags=f"skipped: {_ENV}=0")
-    elif _accelerator_expected():
-        reason = "skipped: JAX is expected to run on an accelerator"
-        _REPORT.update(allocator=reason, xla_flags=reason)
-    else:
-        _REPORT.update(allocator=_tune_allocator(), xla_flags=_tune_xla_flags())
+def tune_cpu() -> dict[str, str]:
+    """Apply the CPU tuning of the module docstring to this process, once; call it before any JAX
+    computation (the XLA flag is skipped once JAX's backend has started).
+
+    **Returns:** what was done, as [`cpu_tuning`][] reports it.
+    """
+    if not _REPORT:
+        if os.environ.get(_ENV, "").strip() == "0":
+            _REPORT.update(allocator=f"skipped: {_ENV}=0", xla_flags=f"skipped: {_ENV}=0")
+        elif _accelerator_expected():
+            reason = "skipped: JAX is expected to run on an accelerator"
+            _REPORT.update(allocator=reason, xla_flags=reason)
+        else:
+            _REPORT.update(allocator=_tune_allocator(), xla_flags=_tune_xla_flags())
+    return cpu_tuning()
+
+
+def tune_at_import() -> None:
+    """What `import coupled_diffusion` does: `tune_cpu()` only when `COUPLED_DIFFUSION_CPU_TUNING=1`."""
+    if os.environ.get(_ENV, "").strip() == "1":
+        tune_cpu()
 
 
 def cpu_tuning() -> dict[str, str]:
-    """What the import-time CPU tuning did: `{"allocator": ..., "xla_flags": ...}`, each
-    starting with `applied`, `skipped` or `failed` and saying why.
+    """What the CPU tuning did: `{"allocator": ..., "xla_flags": ...}`, each starting with `applied`,
+    `skipped`, `failed` or `not requested` and saying why.
 
-    Opt out with the environment variable `COUPLED_DIFFUSION_CPU_TUNING=0` (set before the
-    import). See the module docstring for what is tuned and the measured effect.
+    Opt in with [`tune_cpu`][] (or `COUPLED_DIFFUSION_CPU_TUNING=1` before the import); opt out of
+    every opt-in with `COUPLED_DIFFUSION_CPU_TUNING=0`. See the module docstring for what is tuned
+    and the measured effect.
     """
+    if not _REPORT:
+        reason = "not requested: call coupled_diffusion.tune_cpu() (or set COUPLED_DIFFUSION_CPU_TUNING=1)"
+        return dict(allocator=reason, xla_flags=reason)
     return dict(_REPORT)

@@ -1,7 +1,11 @@
-"""The `coupled-diffusion` command: thin wrappers over `experiments/`."""
+"""The `coupled-diffusion` command: thin wrappers over `experiments/`.
+
+The command opts in to the library's CPU tuning (`tune_cpu`) before any JAX work.
+"""
 
 import argparse
 import json
+import math
 import pathlib
 import sys
 import time
@@ -23,60 +27,68 @@ def _to_json(d):
     return out
 
 
+class _Output:
+    """A command's output directory (created), its clock, and the JSON and PNG files it writes."""
+
+    def __init__(self, directory):
+        self.dir = pathlib.Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.start = time.perf_counter()
+
+    def json(self, name: str, data) -> None:
+        (self.dir / name).write_text(json.dumps(data, indent=1))
+
+    def png(self, name: str, fig) -> None:
+        from .plotting import save_figure
+
+        fig.tight_layout()
+        save_figure(fig, self.dir / name)
+
+    def done(self, what: str) -> None:
+        print(f"wrote {what} to {self.dir}/ in {time.perf_counter() - self.start:.1f} s")
+
+
+def _bar(**kwargs):
+    from tqdm import tqdm
+
+    return tqdm(file=sys.stderr, **kwargs)
+
+
 def cmd_figures(args) -> int:
     import jax
 
     jax.config.update("jax_enable_x64", True)
-    import matplotlib.pyplot as plt
-    from tqdm import tqdm
-
     from .experiments.figures import FIGURES
     from .plotting import PLOTTERS
 
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    bar = tqdm(list(FIGURES), desc="figures", unit="fig", file=sys.stderr)
+    out = _Output(args.out)
+    bar = _bar(iterable=list(FIGURES), desc="figures", unit="fig")
     for name in bar:
         bar.set_postfix_str(name)
         data = FIGURES[name]()
-        (out / f"{name}.json").write_text(json.dumps(_to_json(data), indent=1))
-        fig = PLOTTERS[name](data)
-        fig.tight_layout()
-        fig.savefig(out / f"{name}.png")
-        plt.close(fig)
-    print(f"wrote Figures 1-5 (PNG + JSON) to {out}/ in {time.perf_counter() - start:.1f} s")
+        out.json(f"{name}.json", _to_json(data))
+        out.png(f"{name}.png", PLOTTERS[name](data))
+    out.done("Figures 1-5 (PNG + JSON)")
     return 0
 
 
 def cmd_conditional(args) -> int:
     import jax
-    import matplotlib.pyplot as plt
-    from tqdm import tqdm
+    import numpy as np
 
     from .experiments.conditional import conditional_experiment
     from .plotting import plot_conditional
 
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    bar = tqdm(total=args.n_theta, desc="conditional (theta)", file=sys.stderr)
-
-    def progress(i, n):
-        bar.update(i - bar.n)
-
-    data = conditional_experiment(
-        dim=args.dim, n_steps=args.n_steps, n_trials=args.n_trials, thetas=__import__("numpy").linspace(0, 3.141592653589793, args.n_theta),
-        m2=args.m2, increments=args.increments, key=jax.random.key(args.seed), progress=progress,
-    )
-    bar.close()
-    (out / "conditional.json").write_text(json.dumps(_to_json(data), indent=1))
+    out = _Output(args.out)
+    with _bar(total=args.n_theta, desc="conditional (theta)") as bar:
+        data = conditional_experiment(
+            dim=args.dim, n_steps=args.n_steps, n_trials=args.n_trials, thetas=np.linspace(0, math.pi, args.n_theta),
+            m2=args.m2, increments=args.increments, key=jax.random.key(args.seed), progress=lambda i, n: bar.update(i - bar.n),
+        )
+    out.json("conditional.json", _to_json(data))
     for n, g0 in zip((12, 13, 14), data["params"]["g0s"]):
-        fig = plot_conditional(data, g0)
-        fig.tight_layout()
-        fig.savefig(out / f"figure{n}_g0_{g0}.png")
-        plt.close(fig)
-    print(f"wrote Figures 12-14 (PNG) and conditional.json to {out}/ in {time.perf_counter() - start:.1f} s")
+        out.png(f"figure{n}_g0_{g0}.png", plot_conditional(data, g0))
+    out.done("Figures 12-14 (PNG) and conditional.json")
     return 0
 
 
@@ -84,50 +96,40 @@ def cmd_exact_score(args) -> int:
     import jax
 
     jax.config.update("jax_enable_x64", True)
-    import matplotlib.pyplot as plt
-    from tqdm import tqdm
-
     from .experiments.exact_score import cloning_vs_dim, memorization_vs_collapse
     from .plotting import plot_cloning, plot_memorization
 
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    out = _Output(args.out)
     dims = [int(x) for x in args.dims.split(",")]
-    with tqdm(total=len(dims), desc="cloning (dims)", file=sys.stderr) as bar:
+    with _bar(total=len(dims), desc="cloning (dims)") as bar:
         clo = cloning_vs_dim(dims, n_pairs=args.n_pairs, n_steps=args.n_steps, increments=args.increments,
                              key=jax.random.key(args.seed), progress=lambda i, n: bar.update(i - bar.n))
     mem_kw = dict(cases=((8, 64), (8, 512)), n_samples=64, n_steps=100) if args.quick else {}
-    with tqdm(total=len(mem_kw.get("cases", range(5))), desc="memorisation (d, n)", file=sys.stderr) as bar:
+    with _bar(total=len(mem_kw.get("cases", range(5))), desc="memorisation (d, n)") as bar:
         mem = memorization_vs_collapse(key=jax.random.key(args.seed), progress=lambda i, n: bar.update(i - bar.n), **mem_kw)
-    (out / "cloning.json").write_text(json.dumps(_to_json({k: v for k, v in clo.items() if k != "curves"} | {
-        "curves": {d: _to_json(c) for d, c in clo["curves"].items()}}), indent=1))
-    (out / "memorization.json").write_text(json.dumps({"cases": [_to_json(r) for r in mem["cases"]], "params": mem["params"]}, indent=1))
-    for name, fig in (("cloning", plot_cloning(clo)), ("memorization", plot_memorization(mem))):
-        fig.tight_layout()
-        fig.savefig(out / f"{name}.png")
-        plt.close(fig)
+    out.json("cloning.json", _to_json({k: v for k, v in clo.items() if k != "curves"} | {
+        "curves": {d: _to_json(c) for d, c in clo["curves"].items()}}))
+    out.json("memorization.json", {"cases": [_to_json(r) for r in mem["cases"]], "params": mem["params"]})
+    out.png("cloning.png", plot_cloning(clo))
+    out.png("memorization.png", plot_memorization(mem))
     print("cloning (k = 1): d, measured 0.75-crossing, exact-curve crossing, t_S from d kappa = 1, (1/2) log d")
     for d, c in clo["curves"].items():
         print(f"  {d:>6}  {c['crossing_measured']:.3f}  {c['crossing_exact_curve']:.3f}  {c['t_s_kappa']:.3f}  {c['half_log_d']:.3f}")
     print("memorisation (k = 1): d, n, measured 1/2-crossing, REM collapse time, ratio")
     for r in mem["cases"]:
         print(f"  {r['d']:>4} {r['n']:>6}  {r['t_measured']:.4f}  {r['t_collapse']:.4f}  {r['t_measured'] / r['t_collapse']:.2f}")
-    print(f"wrote cloning/memorization PNG + JSON to {out}/ in {time.perf_counter() - start:.1f} s")
+    out.done("cloning/memorization PNG + JSON")
     return 0
 
 
 def cmd_optimize_schedule(args) -> int:
     import jax
-    import matplotlib.pyplot as plt
 
     from .experiments.schedule_opt import schedule_experiment
     from .plotting import plot_schedule_opt
 
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    thetas = [float(x) * 3.141592653589793 for x in args.thetas.split(",")]
+    out = _Output(args.out)
+    thetas = [float(x) * math.pi for x in args.thetas.split(",")]
 
     def report(run):
         b, v, L = run["test"]["baseline"], run["test"]["vs_best"], run["test"]["learned"]
@@ -143,22 +145,18 @@ def cmd_optimize_schedule(args) -> int:
                                nll_weight=args.nll_weight, surrogate=args.surrogate, sharpness=args.sharpness, penalty=args.penalty,
                                learning_rate=args.lr, dim=args.dim, n_steps=args.n_steps,
                                key=jax.random.key(args.seed), on_theta=report)
-    (out / "optimize_schedule.json").write_text(json.dumps(data, indent=1))
-    fig = plot_schedule_opt(data)
-    fig.tight_layout()
-    fig.savefig(out / "optimize_schedule.png")
-    plt.close(fig)
-    print(f"wrote optimize_schedule.png and optimize_schedule.json to {out}/ in {time.perf_counter() - start:.1f} s")
+    out.json("optimize_schedule.json", data)
+    out.png("optimize_schedule.png", plot_schedule_opt(data))
+    out.done("optimize_schedule.png and optimize_schedule.json")
     return 0
 
 
 def cmd_train(args) -> int:
-    import dataclasses
-
-    from .diffusion.train import TrainConfig, train
+    from .diffusion.config import TrainConfig
+    from .diffusion.train import train
 
     base = TrainConfig.paper() if args.paper else TrainConfig()
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    fields = set(TrainConfig.fields())
     over = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     for k in ("block_channels", "classes"):
         if isinstance(over.get(k), str):
@@ -166,7 +164,7 @@ def cmd_train(args) -> int:
     if "block_channels" in over and "attention" not in over:
         n = len(over["block_channels"])
         over["attention"] = tuple(i == n - 1 for i in range(n))
-    config = dataclasses.replace(base, **over)
+    config = base.replace(**over)
     out = pathlib.Path(args.out)
     start = time.perf_counter()
     result = train(config, out, resume=not args.no_resume, progress=not args.quiet)
@@ -179,8 +177,6 @@ def cmd_train(args) -> int:
         path = sample_grid(result, out / "samples.png", n=args.samples, num_steps=50, seed=config.seed)
         print(f"wrote {path} (DDPM, 50 steps, EMA weights; rows x_A, x_B, u, v)")
     if args.eval:
-        import json
-
         from .experiments.mnist import evaluate_run
 
         q = evaluate_run(result, args.eval, seed=config.seed)
@@ -261,6 +257,9 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
     args = parser.parse_args(argv)
+    from ._cpu_tuning import tune_cpu
+
+    tune_cpu()  # the command opts in; importing the library does not (README, "CPU tuning")
     return args.func(args)
 
 

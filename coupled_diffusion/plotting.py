@@ -1,15 +1,32 @@
-"""Matplotlib drawings of the experiments' data dicts (headless, Agg)."""
+"""Matplotlib drawings of the experiments' data dicts.
 
-import matplotlib
+Every function returns a `matplotlib.figure.Figure` built without pyplot, so importing or
+calling this module selects no backend and registers no global figure: a figure is saved with
+[`save_figure`][] (or `fig.savefig`) and shown in a notebook by displaying it.
+"""
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+
+def _figure(figsize=(5.2, 3.8), dpi=120) -> Figure:
+    return Figure(figsize=figsize, dpi=dpi)
 
 
 def _fig():
-    fig, ax = plt.subplots(figsize=(5.2, 3.8), dpi=120)
-    return fig, ax
+    fig = _figure()
+    return fig, fig.subplots()
+
+
+def save_figure(fig: Figure, path, **savefig_kwargs) -> Path:
+    """Write `fig` to `path` (the format from its suffix) and return the path."""
+    path = Path(path)
+    fig.savefig(path, **savefig_kwargs)
+    return path
 
 
 def plot_figure1(d):
@@ -68,7 +85,8 @@ PLOTTERS = {"figure1": plot_figure1, "figure2": plot_figure2, "figure3": plot_fi
 
 def plot_conditional(d, g0):
     """Figures 12-14: Delta accuracy / MSE / NLL vs theta for one coupling strength `g0`."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=110)
+    fig = _figure((13, 3.8), 110)
+    axes = fig.subplots(1, 3)
     theta = np.asarray(d["theta"])
     labels = {"d_acc": r"$\Delta$ accuracy", "d_mse": r"$\Delta$ MSE (eq 145)", "d_nll": r"$\Delta$ NLL (eq 146)"}
     for name, run in d["runs"].items():
@@ -115,7 +133,8 @@ def plot_memorization(d):
 def plot_schedule_opt(d):
     """Per angle: the learned g(t), and every schedule's (Delta NLL, Delta accuracy) on the test set."""
     runs = d["runs"]
-    fig, axes = plt.subplots(len(runs), 2, figsize=(9.5, 3.4 * len(runs)), dpi=120, squeeze=False)
+    fig = _figure((9.5, 3.4 * len(runs)), 120)
+    axes = fig.subplots(len(runs), 2, squeeze=False)
     for row, run in zip(axes, runs):
         ax = row[0]
         ax.plot(run["knots"], run["values"], "o-", color="k", label="learned")
@@ -139,4 +158,33 @@ def plot_schedule_opt(d):
                title=f"best grid: {run['best']}\n(test) beats it: {run['beats_best']}; no harm: {run['no_harm']}")
         ax.title.set_fontsize(8)
         ax.legend(fontsize=6)
+    return fig
+
+
+def plot_loss(history: list[dict]) -> Figure:
+    """The training loss (eq 96) per logged step of a run's history (`TrainResult.history`)."""
+    fig = _figure((6, 3.5), 100)
+    ax = fig.subplots()
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history])
+    ax.set(xlabel="step", ylabel="loss (eq 96)", yscale="log")
+    fig.tight_layout()
+    return fig
+
+
+def plot_pair_grid(x) -> Figure:
+    """Two-channel images `x` `(n, 28, 28, 2)` in [0, 1] as four rows: x_A, x_B, u = (x_A + x_B)/2 and
+    v = (x_A - x_B)/sqrt 2 (eq 103), one column per image."""
+    x = np.asarray(x, np.float64)
+    n = x.shape[0]
+    rows = {"x_A": x[..., 0], "x_B": x[..., 1], "u": (x[..., 0] + x[..., 1]) / 2, "v": (x[..., 0] - x[..., 1]) / np.sqrt(2)}
+    fig = _figure((n * 0.8, 4 * 0.85), 100)
+    axes = fig.subplots(4, n, squeeze=False)
+    for r, (name, imgs) in enumerate(rows.items()):
+        signed = name == "v"
+        for i in range(n):
+            ax = axes[r, i]
+            ax.imshow(imgs[i], cmap="RdBu_r" if signed else "gray", vmin=-0.8 if signed else 0, vmax=0.8 if signed else 1)
+            ax.set_xticks([]), ax.set_yticks([])
+        axes[r, 0].set_ylabel(name)
+    fig.tight_layout()
     return fig

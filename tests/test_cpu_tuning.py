@@ -1,4 +1,5 @@
-"""The import-time CPU tuning (`cd.cpu_tuning()`): what it sets, when it stands aside, and that the
+"""The opt-in CPU tuning (`cd.tune_cpu()`, reported by `cd.cpu_tuning()`): that importing the package
+leaves the process alone, what the tuning sets when asked, when it stands aside, and that the
 allocator part really stops XLA:CPU's per-execution page faults. Each case runs in a fresh
 interpreter, since the tuning acts once, before JAX starts."""
 
@@ -20,6 +21,7 @@ _REPORT = """
 import json, os
 {before}
 import coupled_diffusion as cd
+{tune}
 print(json.dumps({{"report": cd.cpu_tuning(), "xla_flags": os.environ.get("XLA_FLAGS", "")}}))
 """
 
@@ -33,9 +35,20 @@ def _run(code: str, **env) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _report(before: str = "", tune: str = "cd.tune_cpu()", **env) -> dict:
+    return _run(_REPORT.format(before=before, tune=tune), **env)
+
+
+def test_importing_the_package_leaves_the_process_alone():
+    got = _report(tune="", XLA_FLAGS="--xla_cpu_enable_fast_math=false")
+    assert all(v.startswith("not requested") and "tune_cpu()" in v for v in got["report"].values())
+    assert got["xla_flags"] == "--xla_cpu_enable_fast_math=false"
+
+
 @glibc
-def test_applied_on_a_fresh_cpu_process():
-    got = _run(_REPORT.format(before=""))
+@pytest.mark.parametrize("how", ["call", "environment"])
+def test_applied_on_a_fresh_cpu_process_when_asked(how):
+    got = _report() if how == "call" else _report(tune="", COUPLED_DIFFUSION_CPU_TUNING="1")
     assert got["report"]["allocator"].startswith("applied")
     xla = got["report"]["xla_flags"]
     # applied on the measured jaxlib releases; any other release must say so rather than set an unknown flag
@@ -44,27 +57,28 @@ def test_applied_on_a_fresh_cpu_process():
 
 
 def test_opt_out_leaves_the_process_alone():
-    got = _run(_REPORT.format(before=""), COUPLED_DIFFUSION_CPU_TUNING="0", XLA_FLAGS="--xla_cpu_enable_fast_math=false")
+    got = _report(COUPLED_DIFFUSION_CPU_TUNING="0", XLA_FLAGS="--xla_cpu_enable_fast_math=false")
     assert all(v.startswith("skipped") and "COUPLED_DIFFUSION_CPU_TUNING=0" in v for v in got["report"].values())
     assert got["xla_flags"] == "--xla_cpu_enable_fast_math=false"
 
 
 def test_a_users_own_ynn_choice_and_a_started_backend_are_respected():
     own = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
-    got = _run(_REPORT.format(before=""), XLA_FLAGS=own)
+    got = _report(XLA_FLAGS=own)
     assert got["xla_flags"] == own and "already sets" in got["report"]["xla_flags"]
-    started = _run(_REPORT.format(before="import jax.numpy as jnp; jnp.zeros(1).block_until_ready()"))
+    started = _report(before="import jax.numpy as jnp; jnp.zeros(1).block_until_ready()")
     assert "already started" in started["report"]["xla_flags"] and YNN_FLAG not in started["xla_flags"]
 
 
 def test_skipped_when_jax_will_run_on_an_accelerator():
-    got = _run(_REPORT.format(before=""), JAX_PLATFORMS="cuda,cpu")
+    got = _report(JAX_PLATFORMS="cuda,cpu")
     assert all("accelerator" in v for v in got["report"].values())
 
 
 _FAULTS = """
 import json, resource
 import coupled_diffusion as cd
+{tune}
 import jax, jax.numpy as jnp
 k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
 x, w, v = (jax.random.normal(k, s, jnp.float32) for k, s in zip((k1, k2, k3), ((4096, 64), (64, 4096), (4096, 64))))
@@ -87,8 +101,8 @@ print(json.dumps({"faults": sorted(faults)[4]}))  # the median execution
 
 @glibc
 def test_tuned_allocator_reuses_pages_instead_of_faulting_them_in_each_step():
-    untuned = _run(_FAULTS, COUPLED_DIFFUSION_CPU_TUNING="0")["faults"]
-    tuned = _run(_FAULTS)["faults"]
+    untuned = _run(_FAULTS.replace("{tune}", ""))["faults"]  # the import alone tunes nothing
+    tuned = _run(_FAULTS.replace("{tune}", "cd.tune_cpu()"))["faults"]
     # the median execution: untuned, glibc maps its 128 MiB temporary afresh, one fault per 4 KiB page (32,768)
     assert untuned > 16_000, untuned
     assert tuned < 0.1 * untuned, (tuned, untuned)

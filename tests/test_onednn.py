@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -115,6 +116,32 @@ def test_set_enabled_switches_paths_for_new_traces_and_status_says_so():
     finally:
         onednn.set_enabled(previous)
     assert "cd_conv2d" in jax.jit(lambda x: onednn.conv2d(x, w)).lower(x).as_text()
+
+
+@needs_onednn
+def test_enabled_is_scoped_to_its_block_and_thread_and_overrides_the_default():
+    x, w = np.ones((1, 4, 4, 2), np.float32), np.ones((3, 3, 2, 2), np.float32)
+
+    def uses_onednn():
+        return "cd_conv2d" in jax.jit(lambda x: onednn.conv2d(x, w)).lower(x).as_text()
+
+    seen = {}
+    with onednn.enabled(False):
+        assert not uses_onednn() and onednn.status()["reason"] == "turned off"
+        worker = threading.Thread(target=lambda: seen.update(other_thread=uses_onednn()))
+        worker.start()
+        worker.join()
+        with onednn.enabled(True):
+            assert uses_onednn()
+        assert not uses_onednn()
+    assert seen == {"other_thread": True} and uses_onednn()
+    previous = onednn.set_enabled(False)
+    try:
+        with onednn.enabled(True):  # the block wins over the process-wide default
+            assert uses_onednn()
+        assert not uses_onednn()
+    finally:
+        onednn.set_enabled(previous)
 
 
 def test_errors_name_the_parameter():
@@ -237,8 +264,7 @@ def test_several_cpu_devices_keep_xla_convolutions_so_a_split_batch_stays_split(
 
 @needs_onednn
 def test_explicitly_sharded_operands_keep_xla_convolutions():
-    from jax.sharding import AxisType, NamedSharding
-    from jax.sharding import PartitionSpec as P
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
     mesh = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Explicit,))
     rng = np.random.default_rng(3)

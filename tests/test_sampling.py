@@ -9,7 +9,7 @@ from scipy.special import logsumexp
 
 import coupled_diffusion as cd
 from coupled_diffusion.sampling.cloning import clone_agreement, clone_agreement_theory, memorization_curve, wilson_interval
-from coupled_diffusion.sampling.draws import realise_means, sample_data, sample_empirical, sample_marginal
+from coupled_diffusion.sampling.draws import realize_means, sample_data, sample_empirical, sample_marginal
 from coupled_diffusion.sampling.scores import ConditionalScore, EmpiricalScore, PopulationScore
 from coupled_diffusion.sampling.sde import forward_sde, probability_flow, reverse_sde
 from coupled_diffusion.schedules import Early, Late
@@ -39,19 +39,19 @@ def _fd_grad(f, z, h=1e-5):
 
 
 def test_realised_means_have_the_gram_matrix():
-    means = realise_means(DATA, 7)
+    means = realize_means(DATA, 7)
     np.testing.assert_allclose(means @ means.T / 7, DATA.gram, rtol=1e-12, atol=1e-12)
     singular = cd.TwoClassMixture.from_angle(1.0, 2.0, 0.0)  # rank-1 Gram
-    m = realise_means(singular, 5)
+    m = realize_means(singular, 5)
     np.testing.assert_allclose(m @ m.T / 5, singular.gram, atol=1e-12)
     with pytest.raises(ValueError, match="dim"):
-        realise_means(DATA, 1)
+        realize_means(DATA, 1)
 
 
 @pytest.mark.parametrize("ou", [OU, cd.CoupledOU.anisotropic(1.0, 1.3, 2.0)], ids=["symmetric", "anisotropic"])
 def test_population_score_is_the_gradient_of_the_scipy_mixture_density(ou):
     d, t = 3, 0.6
-    means = realise_means(DATA, d)
+    means = realize_means(DATA, d)
     score = PopulationScore.of(ou, DATA, means)
     E, Q, S, C = (np.asarray(x) for x in cd.moments(ou, DATA, t))
     mu, cov = np.asarray(E @ means), _kron_cov(C, d)
@@ -63,7 +63,7 @@ def test_population_score_is_the_gradient_of_the_scipy_mixture_density(ou):
 
 def test_empirical_score_weights_and_chunking_against_scipy():
     d, n, t = 3, 37, 0.4
-    means = realise_means(DATA, d)
+    means = realize_means(DATA, d)
     pts, _ = sample_data(jax.random.key(0), DATA, means, n)
     E, Q, _, _ = (np.asarray(x) for x in cd.moments(OU, DATA, t))
     cov = _kron_cov(Q, d)
@@ -88,7 +88,7 @@ def test_empirical_score_weights_and_chunking_against_scipy():
 def test_conditional_score_equals_joint_score_block_and_scipy_density():
     ou = cd.CoupledOU.anisotropic(1.0, 0.8, 2.0)
     d, t = 3, 0.5
-    means = realise_means(DATA, d)
+    means = realize_means(DATA, d)
     cond = ConditionalScore.of(ou, DATA, means, target=1)
     joint = PopulationScore.of(ou, DATA, means)
     z = jnp.asarray(np.random.default_rng(2).normal(size=(4, 2, d)))
@@ -127,7 +127,7 @@ def _cov_check(z, centre, C, d):
 def test_forward_sde_monte_carlo_matches_moments(solver, n_steps):
     d, n, t = 4, 20000, 0.8
     ou = cd.CoupledOU.anisotropic(1.0, 0.8, 2.0)
-    means = realise_means(DATA, d)
+    means = realize_means(DATA, d)
     z0, lab = sample_data(jax.random.key(0), DATA, means, n)
     z1 = jax.jit(lambda z: forward_sde(ou, z, key=jax.random.key(1), t_end=t, n_steps=n_steps, solver=solver))(z0)
     E, _, _, C = (np.asarray(x) for x in cd.moments(ou, DATA, t))
@@ -141,7 +141,7 @@ def test_forward_sde_monte_carlo_matches_moments(solver, n_steps):
 def test_forward_sde_with_a_schedule_matches_ode_moments():
     d, n, t = 4, 20000, 1.5
     ou = cd.CoupledOU.anisotropic(1.0, Late(1.2, 0.7), 2.0)  # eq 144 step at t0 = 0.7
-    means = realise_means(DATA, d)
+    means = realize_means(DATA, d)
     z0, lab = sample_data(jax.random.key(4), DATA, means, n)
     z1 = forward_sde(ou, z0, key=jax.random.key(5), t_end=t, n_steps=150, solver="heun")
     E, _, _, C = (np.asarray(x) for x in cd.moments(ou, DATA, t))
@@ -162,7 +162,7 @@ def _class_stats(z, means):
 def test_reverse_sampling_returns_the_data_distribution(sampler):
     d, n, T = 8, 20000, 5.0
     data = cd.TwoClassMixture.from_angle(2.0, 2.0, 0.7, variances=(1.0, 0.5))
-    means = realise_means(data, d)  # |mu|^2 = 32 against a projected noise sd of about 5: classes separate
+    means = realize_means(data, d)  # |mu|^2 = 32 against a projected noise sd of about 5: classes separate
     score = PopulationScore.of(OU, data, means)
     zT, _ = sample_marginal(jax.random.key(0), score.path, data, means, T, n)
     if sampler == "flow":
@@ -183,7 +183,7 @@ def test_reverse_sampling_returns_the_data_distribution(sampler):
 
 def test_sampler_is_reproducible_from_its_key():
     d = 3
-    means = realise_means(DATA, d)
+    means = realize_means(DATA, d)
     score = PopulationScore.of(OU, DATA, means)
     z = jnp.ones((5, 2, d))
     run = jax.jit(lambda k: reverse_sde(OU, score, z, key=k, t_start=2.0, n_steps=50))
@@ -233,7 +233,7 @@ def test_clone_crossing_moves_with_dim_like_the_unscaled_kappa():
 def test_memorization_crossing_tracks_collapse_time():
     results = []
     for d, n in [(8, 512), (16, 64), (16, 1024)]:
-        data_pts, _ = sample_data(jax.random.key(d + n), K1_DATA, realise_means(K1_DATA, d), n)
+        data_pts, _ = sample_data(jax.random.key(d + n), K1_DATA, realize_means(K1_DATA, d), n)
         curve = memorization_curve(K1, data_pts, np.geomspace(0.01, 2.0, 24), n_samples=300, n_steps=800, t_max=5.0,
                                    key=jax.random.key(1))
         t_c = float(cd.collapse_time(K1, K1_DATA, alpha=np.log(n) / d).value)
@@ -262,7 +262,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="n_pairs"):
         clone_agreement(K1, K1_DATA, [0.5], dim=8, n_pairs=0, n_steps=10, t_max=1.0, key=jax.random.key(0))
     with pytest.raises(ValueError, match="t_max"):
-        PopulationScore.of(cd.CoupledOU.anisotropic(1.0, Early(0.5, 1.0), 2.0), DATA, realise_means(DATA, 3))
+        PopulationScore.of(cd.CoupledOU.anisotropic(1.0, Early(0.5, 1.0), 2.0), DATA, realize_means(DATA, 3))
     with pytest.raises(ValueError, match="increments"):
         reverse_sde(OU, lambda t, z: z, jnp.zeros((2, 2, 3)), key=jax.random.key(0), t_start=1.0, n_steps=4, increments="uniform")
     with pytest.raises(ValueError, match="points"):

@@ -3,8 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 import coupled_diffusion as cd
 

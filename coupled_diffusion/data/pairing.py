@@ -57,14 +57,15 @@ def class_disjoint_permutation(labels, rng: np.random.Generator, *, max_rounds: 
 class PairedMNIST(eqx.Module):
     """MNIST images, their transform, and the pairing rule; see the module docstring.
 
-    Arguments:
-        images: `(N, 28, 28)` in [0, 1] (e.g. from `load_mnist`).
-        labels: `(N,)` integer labels.
-        transform: a name in `TRANSFORMS` ("edge", "invert", "dilate", "blur").
-        pairing: "main" or "ctrl".
-        classes: keep only these labels (e.g. two classes for the cloning protocol, Section 5.2).
-        swap: swap the channels with probability 1/2 (the paper's A/B exchange symmetry).
-        symmetric: scale pixels from [0, 1] to [-1, 1] (the usual diffusion convention).
+    **Arguments:**
+
+    - `images`: `(N, 28, 28)` in [0, 1] (e.g. from `load_mnist`).
+    - `labels`: `(N,)` integer labels.
+    - `transform`: a name in `TRANSFORMS` ("edge", "invert", "dilate", "blur").
+    - `pairing`: "main" or "ctrl".
+    - `classes`: keep only these labels (e.g. two classes for the cloning protocol, Section 5.2).
+    - `swap`: swap the channels with probability 1/2 (the paper's A/B exchange symmetry).
+    - `symmetric`: scale pixels from [0, 1] to [-1, 1] (the usual diffusion convention).
     """
 
     x: Float[Array, "N H W"]

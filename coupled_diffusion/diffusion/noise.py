@@ -128,9 +128,10 @@ def _check_T(T) -> None:
 class ModeNoise(eqx.Module):
     r"""Gaussian noise with channel covariance $\Sigma = U \operatorname{diag}(\lambda) U^\top$ (eq 92-93).
 
-    Attributes:
-        basis: `(k, k)` orthogonal; column `m` is mode `m` in channel coordinates.
-        variances: `(k,)` positive mode variances $\lambda_m$.
+    **Arguments:**
+
+    - `basis`: `(k, k)` orthogonal; column `m` is mode `m` in channel coordinates.
+    - `variances`: `(k,)` positive mode variances $\lambda_m$.
 
     Constructors: `ModeNoise.paired(g)` (the paper's two channels), `ModeNoise.isotropic(k)`,
     `ModeNoise.from_covariance(cov)` (any symmetric positive definite `k x k`).

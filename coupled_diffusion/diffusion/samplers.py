@@ -102,12 +102,13 @@ class Intervention(eqx.Module):
 class SampleResult(eqx.Module):
     """A reverse trajectory's end state and its logs.
 
-    Attributes:
-        z0: the final sample `(B, H, W, k)`.
-        timesteps: the sampler's timesteps, decreasing `(n,)`.
-        log_t: the logged timesteps `(L,)`, in the order given.
-        x0_log: predicted clean states eq (97) at `log_t`, `(L, B, H, W, k)` (empty if none).
-        z_log: the states `z_t` fed to the network at `log_t` (after any intervention there).
+    **Attributes:**
+
+    - `z0`: the final sample `(B, H, W, k)`.
+    - `timesteps`: the sampler's timesteps, decreasing `(n,)`.
+    - `log_t`: the logged timesteps `(L,)`, in the order given.
+    - `x0_log`: predicted clean states eq (97) at `log_t`, `(L, B, H, W, k)` (empty if none).
+    - `z_log`: the states `z_t` fed to the network at `log_t` (after any intervention there).
     """
 
     z0: Float[Array, "B H W k"]
@@ -137,23 +138,24 @@ def sample(eps_fn, schedule: VPSchedule, noise: ModeNoise, key, z_start: Float[A
            intervention: Intervention | None = None, clip: float | None = None) -> SampleResult:
     r"""Run the reverse process from `z_start` to a clean sample.
 
-    Arguments:
-        eps_fn: `(z, t) -> eps_hat`; e.g. `NNXEps(model)`.
-        schedule, noise: the `VPSchedule` and the `ModeNoise` law the model was trained with.
-        key: PRNG key for the reverse noise (DDPM, DDIM with `eta > 0`) and any intervention.
-        z_start: the starting state; a draw of `noise.sample` for a fresh trajectory (the paper
-            starts DDIM from mode-shaped noise, Section 5.1).
-        method: "ddpm" (ancestral, Protocol II) or "ddim" (Protocol I; deterministic at `eta = 0`).
-        num_steps: number of reverse steps over the `T`-step schedule (`timesteps`); all `T` if None.
-        start_t: start at this timestep (which must be on the sampler's grid) instead of the
-            first: `z_start` is then the state at `start_t`, e.g. a cached `z_log` entry, and the
-            earlier steps are skipped. May be traced, so one compiled sampler serves every
-            start time (clones, eq 104).
-        log_at: timesteps (on the grid) at which to record $\hat z_0$ (eq 97) and $z_t$.
-        intervention: an `Intervention` (eq 101), applied when the trajectory reaches its `t`.
-        clip: bound $\hat z_0$ to `[-clip, clip]` in each step (None: no clipping).
+    **Arguments:**
 
-    Returns a `SampleResult`.
+    - `eps_fn`: `(z, t) -> eps_hat`; e.g. `NNXEps(model)`.
+    - `schedule`, `noise`: the `VPSchedule` and the `ModeNoise` law the model was trained with.
+    - `key`: PRNG key for the reverse noise (DDPM, DDIM with `eta > 0`) and any intervention.
+    - `z_start`: the starting state; a draw of `noise.sample` for a fresh trajectory (the paper
+        starts DDIM from mode-shaped noise, Section 5.1).
+    - `method`: "ddpm" (ancestral, Protocol II) or "ddim" (Protocol I; deterministic at `eta = 0`).
+    - `num_steps`: number of reverse steps over the `T`-step schedule (`timesteps`); all `T` if None.
+    - `start_t`: start at this timestep (which must be on the sampler's grid) instead of the
+        first: `z_start` is then the state at `start_t`, e.g. a cached `z_log` entry, and the
+        earlier steps are skipped. May be traced, so one compiled sampler serves every
+        start time (clones, eq 104).
+    - `log_at`: timesteps (on the grid) at which to record $\hat z_0$ (eq 97) and $z_t$.
+    - `intervention`: an `Intervention` (eq 101), applied when the trajectory reaches its `t`.
+    - `clip`: bound $\hat z_0$ to `[-clip, clip]` in each step (None: no clipping).
+
+    **Returns:** a [`SampleResult`][].
     """
     if method not in ("ddpm", "ddim"):
         raise ValueError(f"`method` must be 'ddpm' or 'ddim', got {method!r}.")

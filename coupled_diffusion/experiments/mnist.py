@@ -23,9 +23,8 @@ from jaxtyping import Array, Float
 
 from ..data.mnist import load_mnist
 from ..data.pairing import PairedMNIST
-from ..diffusion.noise import ModeNoise, VPSchedule
+from ..diffusion.build import build_data, build_noise
 from ..diffusion.samplers import NNXEps, sample
-from ..diffusion.train import build_data
 
 
 def draw_samples(result, n: int = 16, *, num_steps: int = 50, method: str = "ddpm", seed: int = 0, ema: bool = True,
@@ -37,7 +36,7 @@ def draw_samples(result, n: int = 16, *, num_steps: int = 50, method: str = "ddp
     sampler settings measured with `evaluate_run` (README).
     """
     c = result.config
-    schedule, noise = VPSchedule.named(c.schedule, c.T), ModeNoise.paired(c.g)
+    schedule, noise = build_noise(c.noise)
     key_start, key_run = jax.random.split(jax.random.key(seed))
     z_T = noise.sample(key_start, (n, 28, 28, 2))
     model = result.ema_model if ema else result.model
@@ -48,27 +47,10 @@ def draw_samples(result, n: int = 16, *, num_steps: int = 50, method: str = "ddp
 def sample_grid(result, path, *, n: int = 16, num_steps: int = 50, seed: int = 0, method: str = "ddpm",
                 clip: float | None = None) -> Path:
     """Save a PNG of `n` samples (`draw_samples`): rows x_A, x_B, u = (x_A + x_B)/2 and v = (x_A - x_B)/sqrt 2 (eq 103)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..plotting import plot_pair_grid, save_figure
 
     z = np.asarray(draw_samples(result, n, num_steps=num_steps, seed=seed, method=method, clip=clip), np.float64)
-    x = (z + 1) / 2  # back to [0, 1]
-    rows = {"x_A": x[..., 0], "x_B": x[..., 1], "u": (x[..., 0] + x[..., 1]) / 2, "v": (x[..., 0] - x[..., 1]) / np.sqrt(2)}
-    fig, axes = plt.subplots(4, n, figsize=(n * 0.8, 4 * 0.85), squeeze=False)
-    for r, (name, imgs) in enumerate(rows.items()):
-        for i in range(n):
-            ax = axes[r, i]
-            ax.imshow(imgs[i], cmap="gray" if name != "v" else "RdBu_r", vmin=0 if name != "v" else -0.8,
-                      vmax=1 if name != "v" else 0.8)
-            ax.set_xticks([]), ax.set_yticks([])
-        axes[r, 0].set_ylabel(name)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(plot_pair_grid((z + 1) / 2), path, dpi=80)  # back to [0, 1]
 
 
 REJECT = 10  # the classifier's 11th class: "not a matched digit pair"
@@ -175,7 +157,7 @@ def evaluate_run(result, n: int = 256, *, num_steps: int = 50, method: str = "dd
     per-pair predictions).
     """
     c = result.config
-    train_pairs = build_data(dataclasses.replace(c, pairing="main"))
+    train_pairs = build_data(dataclasses.replace(c.data, pairing="main"))
     clf = fit_pair_classifier(train_pairs, steps=classifier_steps, seed=seed)
     x, y = load_mnist("test", c.data_path)
     test = PairedMNIST(x, y, transform=c.transform, pairing="main", classes=c.classes)

@@ -126,22 +126,31 @@ Plan& plan(Runtime& rt, Pass pass, const Geometry& g) {
   return cache->emplace(key, std::move(p)).first->second;
 }
 
-ffi::Error check_rank(const ffi::AnyBuffer::Dimensions& dims, size_t rank, const char* name) {
-  if (dims.size() != rank)
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string(name) + " must have rank " + std::to_string(rank));
-  return ffi::Error::Success();
-}
+using Dims = ffi::Span<const int64_t>;
 
 // x: (N, H, W, C); w: (KH, KW, C, O); y: (N, HO, WO, O).
-Geometry geometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, ffi::Span<const int64_t> y, int64_t sh, int64_t sw,
-                  int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+Geometry geometry(Dims x, Dims w, Dims y, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   return Geometry{x[0], x[1], x[2], x[3], w[3], w[0], w[1], y[1], y[2], sh, sw, pt, pb, pl, pr};
 }
 
+// The frame every pass shares: rank checks, then, under the runtime's lock, the cached plan of `pass`
+// for this geometry handed to `body(rt, descs, plan)` (which binds the buffers and runs it), and a wait.
+// `x`, `w`, `y` are the input, kernel and output shapes of the forward convolution; oneDNN's
+// exceptions come back as an XLA error.
 template <typename F>
-ffi::Error guarded(F&& body) {
+ffi::Error run_pass(Pass pass, Dims x, Dims w, Dims y, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+                    F&& body) {
+  const std::pair<Dims, const char*> operands[] = {{x, "the input"}, {w, "the kernel"}, {y, "the output"}};
+  for (const auto& [dims, name] : operands)
+    if (dims.size() != 4)
+      return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string(name) + " of the convolution must have rank 4");
   try {
-    body();
+    Runtime& rt = runtime();
+    Geometry g = geometry(x, w, y, sh, sw, pt, pb, pl, pr);
+    Descs d = descs(g);
+    std::lock_guard<std::mutex> lock(rt.mutex);
+    body(rt, d, plan(rt, pass, g));
+    rt.stream.wait();
     return ffi::Error::Success();
   } catch (const std::exception& e) {  // dnnl::error included
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN convolution failed: ") + e.what());
@@ -150,64 +159,40 @@ ffi::Error guarded(F&& body) {
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y,
                    int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  if (auto e = check_rank(x.dimensions(), 4, "x"); e.failure()) return e;
-  if (auto e = check_rank(w.dimensions(), 4, "w"); e.failure()) return e;
-  if (auto e = check_rank(y->dimensions(), 4, "y"); e.failure()) return e;
-  return guarded([&] {
-    Runtime& rt = runtime();
-    Geometry g = geometry(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr);
-    Descs d = descs(g);
-    std::lock_guard<std::mutex> lock(rt.mutex);
-    Plan& p = plan(rt, Pass::kForward, g);
-    memory wuse = p.weights_in(rt.stream, memory(d.wgt_hwio, rt.engine, w.typed_data()));
-    p.conv.execute(rt.stream, {{DNNL_ARG_SRC, memory(d.src, rt.engine, x.typed_data())},
-                               {DNNL_ARG_WEIGHTS, wuse},
-                               {DNNL_ARG_BIAS, memory(d.bias, rt.engine, b.typed_data())},
-                               {DNNL_ARG_DST, memory(d.dst, rt.engine, y->typed_data())}});
-    rt.stream.wait();
-  });
+  return run_pass(Pass::kForward, x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr,
+                  [&](Runtime& rt, const Descs& d, Plan& p) {
+                    memory wuse = p.weights_in(rt.stream, memory(d.wgt_hwio, rt.engine, w.typed_data()));
+                    p.conv.execute(rt.stream, {{DNNL_ARG_SRC, memory(d.src, rt.engine, x.typed_data())},
+                                               {DNNL_ARG_WEIGHTS, wuse},
+                                               {DNNL_ARG_BIAS, memory(d.bias, rt.engine, b.typed_data())},
+                                               {DNNL_ARG_DST, memory(d.dst, rt.engine, y->typed_data())}});
+                  });
 }
 
 ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dx, int64_t sh,
                         int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  if (auto e = check_rank(dy.dimensions(), 4, "dy"); e.failure()) return e;
-  if (auto e = check_rank(w.dimensions(), 4, "w"); e.failure()) return e;
-  if (auto e = check_rank(dx->dimensions(), 4, "dx"); e.failure()) return e;
-  return guarded([&] {
-    Runtime& rt = runtime();
-    Geometry g = geometry(dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr);
-    Descs d = descs(g);
-    std::lock_guard<std::mutex> lock(rt.mutex);
-    Plan& p = plan(rt, Pass::kBackwardData, g);
-    memory wuse = p.weights_in(rt.stream, memory(d.wgt_hwio, rt.engine, w.typed_data()));
-    p.conv.execute(rt.stream, {{DNNL_ARG_DIFF_DST, memory(d.dst, rt.engine, dy.typed_data())},
-                               {DNNL_ARG_WEIGHTS, wuse},
-                               {DNNL_ARG_DIFF_SRC, memory(d.src, rt.engine, dx->typed_data())}});
-    rt.stream.wait();
-  });
+  return run_pass(Pass::kBackwardData, dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr,
+                  [&](Runtime& rt, const Descs& d, Plan& p) {
+                    memory wuse = p.weights_in(rt.stream, memory(d.wgt_hwio, rt.engine, w.typed_data()));
+                    p.conv.execute(rt.stream, {{DNNL_ARG_DIFF_DST, memory(d.dst, rt.engine, dy.typed_data())},
+                                               {DNNL_ARG_WEIGHTS, wuse},
+                                               {DNNL_ARG_DIFF_SRC, memory(d.src, rt.engine, dx->typed_data())}});
+                  });
 }
 
 ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
                            ffi::ResultBuffer<ffi::F32> db, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
                            int64_t pr) {
-  if (auto e = check_rank(x.dimensions(), 4, "x"); e.failure()) return e;
-  if (auto e = check_rank(dy.dimensions(), 4, "dy"); e.failure()) return e;
-  if (auto e = check_rank(dw->dimensions(), 4, "dw"); e.failure()) return e;
-  return guarded([&] {
-    Runtime& rt = runtime();
-    Geometry g = geometry(x.dimensions(), dw->dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr);
-    Descs d = descs(g);
-    std::lock_guard<std::mutex> lock(rt.mutex);
-    Plan& p = plan(rt, Pass::kBackwardWeights, g);
-    memory wm(d.wgt_hwio, rt.engine, dw->typed_data());
-    memory wuse = p.wgt_blocked ? p.wgt_blocked : wm;
-    p.conv.execute(rt.stream, {{DNNL_ARG_SRC, memory(d.src, rt.engine, x.typed_data())},
-                               {DNNL_ARG_DIFF_DST, memory(d.dst, rt.engine, dy.typed_data())},
-                               {DNNL_ARG_DIFF_WEIGHTS, wuse},
-                               {DNNL_ARG_DIFF_BIAS, memory(d.bias, rt.engine, db->typed_data())}});
-    if (p.wgt_blocked) p.reorder.execute(rt.stream, {{DNNL_ARG_FROM, p.wgt_blocked}, {DNNL_ARG_TO, wm}});
-    rt.stream.wait();
-  });
+  return run_pass(Pass::kBackwardWeights, x.dimensions(), dw->dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr,
+                  [&](Runtime& rt, const Descs& d, Plan& p) {
+                    memory wm(d.wgt_hwio, rt.engine, dw->typed_data());
+                    memory wuse = p.wgt_blocked ? p.wgt_blocked : wm;
+                    p.conv.execute(rt.stream, {{DNNL_ARG_SRC, memory(d.src, rt.engine, x.typed_data())},
+                                               {DNNL_ARG_DIFF_DST, memory(d.dst, rt.engine, dy.typed_data())},
+                                               {DNNL_ARG_DIFF_WEIGHTS, wuse},
+                                               {DNNL_ARG_DIFF_BIAS, memory(d.bias, rt.engine, db->typed_data())}});
+                    if (p.wgt_blocked) p.reorder.execute(rt.stream, {{DNNL_ARG_FROM, p.wgt_blocked}, {DNNL_ARG_TO, wm}});
+                  });
 }
 
 }  // namespace

@@ -26,8 +26,10 @@ else, with the same results up to float rounding:
   cannot partition a custom call, so with a batch split over several CPU devices
   (`--xla_force_host_platform_device_count`) it would gather the batch onto every device; such
   processes keep XLA's convolutions, which stay split;
-- not turned off: `COUPLED_DIFFUSION_ONEDNN=0` in the environment, or `set_enabled(False)`
-  (both read when a function is traced).
+- not turned off: `with onednn.enabled(False):` around the code that traces the function
+  (scoped to that block and to the thread or task that runs it), `set_enabled(False)` (the
+  process-wide default), or `COUPLED_DIFFUSION_ONEDNN=0` in the environment; all are read when
+  a function is traced, in that order of precedence.
 
 `status()` says which path is in use and why. Limits of the oneDNN path: reverse-mode only
 (`jax.jvp` through it raises, as for any `custom_vjp`; turn it off for forward-mode work), and
@@ -37,6 +39,7 @@ under `jax.vmap` the calls run one batch element at a time.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -52,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["conv2d", "set_enabled", "status"]
+__all__ = ["conv2d", "enabled", "set_enabled", "status"]
 
 _ENV = "COUPLED_DIFFUSION_ONEDNN"
 _SOURCE = pathlib.Path(__file__).with_name("_onednn_conv.cc")
@@ -63,14 +66,35 @@ _lock = threading.Lock()
 _state: dict = {"enabled": None, "loaded": None, "reason": "not built yet (built on first use)", "library": None, "version": None}
 
 
+_scoped: contextvars.ContextVar[bool | None] = contextvars.ContextVar("coupled_diffusion_onednn", default=None)
+
+
+@contextlib.contextmanager
+def enabled(flag: bool):
+    """Use (`True`) or avoid (`False`) the oneDNN path for functions traced inside the block, in
+    this thread or task only; the setting before the block comes back after it.
+
+        with onednn.enabled(False):
+            y = jax.jit(f)(x)   # traced here: XLA's own convolutions
+    """
+    token = _scoped.set(bool(flag))
+    try:
+        yield
+    finally:
+        _scoped.reset(token)
+
+
 def set_enabled(enabled: bool | None) -> bool | None:
-    """Turn the oneDNN path on (`True`) or off (`False`) for functions traced from now on, overriding
-    `COUPLED_DIFFUSION_ONEDNN`; `None` defers to that variable again. Returns the previous setting."""
+    """Set the process-wide default: the oneDNN path on (`True`) or off (`False`) for functions traced
+    from now on, overriding `COUPLED_DIFFUSION_ONEDNN`; `None` defers to that variable again. Returns
+    the previous default. Prefer the scoped [`enabled`][] in library code."""
     previous, _state["enabled"] = _state["enabled"], None if enabled is None else bool(enabled)
     return previous
 
 
 def _wanted() -> bool:
+    if _scoped.get() is not None:
+        return _scoped.get()
     if _state["enabled"] is not None:
         return _state["enabled"]
     return os.environ.get(_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
@@ -178,7 +202,7 @@ def _load() -> bool:
 # the convolution
 
 
-def _normalise(strides, padding, in_hw, kernel_hw):
+def _normalize(strides, padding, in_hw, kernel_hw):
     strides = (strides, strides) if isinstance(strides, int) else tuple(int(s) for s in strides)
     if len(strides) != 2 or min(strides) < 1:
         raise ValueError(f"`strides` must be a positive int or a pair of them; got {strides}.")
@@ -291,7 +315,7 @@ def conv2d(x, kernel, bias=None, strides=1, padding="SAME"):
     bias = jnp.zeros(kernel.shape[-1], jnp.result_type(x, kernel)) if bias is None else jnp.asarray(bias)
     if bias.shape != kernel.shape[-1:]:
         raise ValueError(f"`bias` must have shape ({kernel.shape[-1]},), one per output channel; got {bias.shape}.")
-    strides, padding = _normalise(strides, padding, x.shape[1:3], kernel.shape[:2])
+    strides, padding = _normalize(strides, padding, x.shape[1:3], kernel.shape[:2])
     if min(_out_shape(x, kernel, strides, padding)[1:3]) < 1:
         raise ValueError(f"the kernel {kernel.shape[:2]} does not fit the padded input {x.shape[1:3]} with padding {padding}.")
     f32 = all(a.dtype == jnp.float32 for a in (x, kernel, bias))

@@ -209,18 +209,20 @@ class _Level(nnx.Module):
 class UNet(nnx.Module):
     r"""The compact U-Net; see the module docstring.
 
-    Arguments:
-        in_channels: input (and, by default, output) channels `C` of `(B, H, W, C)` inputs.
-        out_channels: output channels (default `in_channels`).
-        block_channels: width of each resolution level, finest first.
-        layers_per_block: residual blocks per down level (up levels get one more).
-        attention: per level, whether its residual blocks are followed by self-attention
-            (default: only the coarsest level); the middle block always has attention unless
-            `mid_attention=False`.
-        num_groups: groups of every group norm. norm_eps: their epsilon.
-        attention_head_dim: channels per attention head.
-        dropout: dropout inside residual blocks; acts in `model(x, t, train=True, rngs=nnx.Rngs(dropout=key))`.
-        dtype, param_dtype: compute and parameter dtypes.
+    **Arguments:**
+
+    - `in_channels`: input (and, by default, output) channels `C` of `(B, H, W, C)` inputs.
+    - `out_channels`: output channels (default `in_channels`).
+    - `block_channels`: width of each resolution level, finest first.
+    - `layers_per_block`: residual blocks per down level (up levels get one more).
+    - `attention`: per level, whether its residual blocks are followed by self-attention
+        (default: only the coarsest level); the middle block always has attention unless
+        `mid_attention=False`.
+    - `num_groups`: groups of every group norm.
+    - `norm_eps`: their epsilon.
+    - `attention_head_dim`: channels per attention head.
+    - `dropout`: dropout inside residual blocks; acts in `model(x, t, train=True, rngs=nnx.Rngs(dropout=key))`.
+    - `dtype`, `param_dtype`: compute and parameter dtypes.
     """
 
     def __init__(self, *, in_channels: int = 2, out_channels: int | None = None,

@@ -27,10 +27,10 @@ def wilson_interval(successes, n, z: float = 1.959963984540054):
     successes = jnp.asarray(successes, jnp.result_type(float))
     p = successes / n
     denom = 1 + z**2 / n
-    centre = (p + z**2 / (2 * n)) / denom
+    center = (p + z**2 / (2 * n)) / denom
     half = z * jnp.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
     # the interval contains p exactly; clamp away rounding at p = 0 or 1
-    return jnp.minimum(centre - half, p), jnp.maximum(centre + half, p)
+    return jnp.minimum(center - half, p), jnp.maximum(center + half, p)
 
 
 def last_crossing_time(t, values, level: float) -> float:

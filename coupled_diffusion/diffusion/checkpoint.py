@@ -1,0 +1,113 @@
+"""A training run on disk: its checkpoints, and the `TrainResult` a run (or a checkpoint) gives.
+
+A checkpoint (`<out_dir>/checkpoints/<step>`, orbax, atomic) holds the parameters, the EMA,
+the optimiser state and the step (which fixes the RNG state and the data position: epoch and
+offset) as arrays, and as JSON the configuration (`TrainConfig.to_json`), the library
+version, the data position and the logged history.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .._checkpoint import Checkpoints
+from .._version import __version__
+from ..models.unet import UNet
+from .build import build_model, build_optimizer
+from .config import TrainConfig
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `train` and `load_run` return: the model with the EMA weights (for sampling), the raw model,
+    the configuration, the step reached, the logged history and the run directory (`None` if none)."""
+
+    model: UNet
+    ema_model: UNet
+    config: TrainConfig
+    step: int
+    history: list[dict]
+    out_dir: Path | None
+
+
+def result_from_state(graphdef, state, config: TrainConfig, history: list[dict], out: Path | None) -> TrainResult:
+    """The [`TrainResult`][] of a training state (copied to the host)."""
+    host = jax.device_get(state)
+    model = nnx.merge(graphdef, host["params"], host["rest"])
+    ema_model = nnx.merge(graphdef, host["ema"], host["rest"])
+    return TrainResult(model, ema_model, config, int(host["step"]), history, out)
+
+
+def run_checkpoints(out_dir: Path, keep: int) -> Checkpoints:
+    """The [`Checkpoints`][] of a run directory (`<out_dir>/checkpoints`)."""
+    return Checkpoints(Path(out_dir).resolve() / "checkpoints", keep=keep)
+
+
+def _stored(state) -> dict:
+    """What a checkpoint stores of the training state: the NNX states as pure dicts, no `bad_step`."""
+    tree = {k: state[k] for k in ("opt", "step")}
+    return tree | {k: nnx.to_pure_dict(state[k]) for k in ("params", "rest", "ema")}
+
+
+def save_checkpoint(ckpts: Checkpoints, step: int, state, config: TrainConfig, history: list[dict], steps_per_epoch: int) -> None:
+    """Save the training `state` at `step` with the configuration, the library version, the data position and the history."""
+    position = dict(epoch=step // steps_per_epoch, batch_in_epoch=step % steps_per_epoch, steps_per_epoch=steps_per_epoch)
+    meta = dict(config=config.to_json(), version=__version__, step=step, data_position=position, history=history)
+    ckpts.save(step, _stored(state), meta)
+
+
+def restore_checkpoint(ckpts: Checkpoints, step: int, state, config: TrainConfig, out: Path):
+    """The training state and history of checkpoint `step`, into the structure of `state`.
+
+    Raises when the checkpoint was written with another configuration, naming the fields that differ.
+    """
+    meta = ckpts.restore_doc(step)
+    saved = TrainConfig.from_json(meta["config"])
+    if saved != config:
+        given = config.to_json()
+        diff = {k: (v, given[k]) for k, v in saved.to_json().items() if given[k] != v}
+        raise ValueError(f"{out} holds a run with a different configuration (saved vs given: {diff}). "
+                         "Use another `out_dir`, or pass `resume=False` to start over there.")
+    got = ckpts.restore_tree(step, _stored(state))
+    new = dict(state)
+    for k in ("params", "rest", "ema"):
+        s = state[k]
+        nnx.replace_by_pure_dict(s, got[k])
+        new[k] = s
+    new["opt"], new["step"], new["bad_step"] = got["opt"], got["step"], jnp.int32(-1)
+    return new, list(meta.get("history", []))
+
+
+def _abstract_state(config: TrainConfig):
+    """The graph of the run's model and the structure, shapes and dtypes of what its checkpoints store
+    (host arrays: no shardings), built without allocating a parameter."""
+    graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: build_model(config.model, config.seed)), nnx.Param, ...)
+    opt = jax.eval_shape(build_optimizer(config.optimizer, config.steps).init, params)
+    pure = dict(params=nnx.to_pure_dict(params), rest=nnx.to_pure_dict(rest), opt=opt, ema=nnx.to_pure_dict(params),
+                step=jax.ShapeDtypeStruct((), jnp.int32))
+    return graphdef, (params, rest), jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), pure)
+
+
+def load_run(out_dir: str | Path, *, step: int | None = None) -> TrainResult:
+    """Load a run's checkpoint (the latest, or `step`) as a `TrainResult`, without training or data."""
+    out = Path(out_dir)
+    if not (out / "checkpoints").is_dir():
+        raise FileNotFoundError(f"no checkpoints in {out}/checkpoints.")
+    with run_checkpoints(out, 1_000_000) as ckpts:
+        step = ckpts.latest() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoints in {out}/checkpoints.")
+        meta = ckpts.restore_doc(step)
+        config = TrainConfig.from_json(meta["config"])
+        graphdef, (params, rest), like = _abstract_state(config)
+        got = ckpts.restore_tree(step, like)
+    ema = jax.tree.map(lambda x: x, params)
+    for target, key in ((params, "params"), (rest, "rest"), (ema, "ema")):
+        nnx.replace_by_pure_dict(target, got[key])
+    return TrainResult(nnx.merge(graphdef, params, rest), nnx.merge(graphdef, ema, rest), config, int(step),
+                       list(meta.get("history", [])), out)
