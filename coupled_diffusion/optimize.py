@@ -16,7 +16,6 @@ theorem and the moment ODE through diffrax; sample-level objectives differentiat
 exact-score sampler with its noise held fixed (reparameterisation).
 """
 
-import pathlib
 from collections.abc import Callable
 
 import equinox as eqx
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ._checkpoint import Checkpoints
 from .sampling.trials import ConditionalTrials, trial_metrics
 from .schedules import Constant
 from .theory.collapse import collapse_time
@@ -111,22 +111,18 @@ def optimize_schedule(
 
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.asarray(0)}
     history = np.full((steps, len(names)), np.nan)
-    manager = None
+    ckpts = None
     if checkpoint_dir is not None:
-        import orbax.checkpoint as ocp
-
-        manager = ocp.CheckpointManager(pathlib.Path(checkpoint_dir).absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2))
-        latest = manager.latest_step()
+        ckpts = Checkpoints(checkpoint_dir, keep=2, doc_item="history")
+        latest = ckpts.latest()
         if latest is not None:
             if latest > steps:
                 raise ValueError(f"{checkpoint_dir} holds a run at step {latest}, beyond steps={steps}.")
-            restored = manager.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(state),
-                                                                       history=ocp.args.JsonRestore()))
-            state = restored["state"]
-            if restored["history"]["names"] != names:
-                raise ValueError(f"{checkpoint_dir} was written by an objective recording {restored['history']['names']}, "
-                                 f"not {names}.")
-            past = np.asarray(restored["history"]["values"], float)
+            saved = ckpts.restore_doc(latest)
+            if saved["names"] != names:
+                raise ValueError(f"{checkpoint_dir} was written by an objective recording {saved['names']}, not {names}.")
+            state = ckpts.restore_tree(latest, state)
+            past = np.asarray(saved["values"], float)
             history[: len(past)] = past
     start = int(state["step"])
     p, opt_state = state["params"], state["opt_state"]
@@ -136,31 +132,28 @@ def optimize_schedule(
         from tqdm import tqdm
 
         bar = tqdm(total=steps, initial=start, desc="optimize_schedule", leave=False)
-    for i in range(start, steps):
-        try:
-            p_new, opt_state_new, rec = step_fn(p, opt_state, jnp.asarray(i))  # traced: one compile
-        except (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError) as err:
-            # e.g. a NaN cotangent reaching an implicit-function linear solve (a root not found)
-            raise FloatingPointError(f"The objective or its gradient was not finite at step {i}: {_HINT}") from err
-        history[i] = np.asarray(rec)
-        if not np.isfinite(history[i, 0]):
-            raise FloatingPointError(f"The objective returned {history[i, 0]}, not finite at step {i}: {_HINT}")
-        p, opt_state = p_new, opt_state_new
+    try:
+        for i in range(start, steps):
+            try:
+                p_new, opt_state_new, rec = step_fn(p, opt_state, jnp.asarray(i))  # traced: one compile
+            except (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError) as err:
+                # e.g. a NaN cotangent reaching an implicit-function linear solve (a root not found)
+                raise FloatingPointError(f"The objective or its gradient was not finite at step {i}: {_HINT}") from err
+            history[i] = np.asarray(rec)
+            if not np.isfinite(history[i, 0]):
+                raise FloatingPointError(f"The objective returned {history[i, 0]}, not finite at step {i}: {_HINT}")
+            p, opt_state = p_new, opt_state_new
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{history[i, 0]:.4g}")
+            if ckpts is not None and ((i + 1) % checkpoint_every == 0 or i + 1 == steps):
+                ckpts.save(i + 1, {"params": p, "opt_state": opt_state, "step": jnp.asarray(i + 1)},
+                           {"names": names, "values": history[: i + 1].tolist()})
+    finally:  # pending saves are finished, also when a step fails
+        if ckpts is not None:
+            ckpts.close()
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{history[i, 0]:.4g}")
-        if manager is not None and ((i + 1) % checkpoint_every == 0 or i + 1 == steps):
-            import orbax.checkpoint as ocp
-
-            manager.save(i + 1, args=ocp.args.Composite(
-                state=ocp.args.StandardSave({"params": p, "opt_state": opt_state, "step": jnp.asarray(i + 1)}),
-                history=ocp.args.JsonSave({"names": names, "values": history[: i + 1].tolist()}),
-            ))
-    if manager is not None:
-        manager.wait_until_finished()
-        manager.close()
-    if bar is not None:
-        bar.close()
+            bar.close()
     return OptimizeResult(eqx.combine(p, static), {n: history[:, j] for j, n in enumerate(names)}, steps)
 
 

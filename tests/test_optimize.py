@@ -118,6 +118,9 @@ def test_optimize_errors(tmp_path):
                          progress=False)
     with pytest.raises(ValueError, match="beyond steps"):
         cd.optimize_schedule(lambda s, k: s.g0**2, Constant(0.1), steps=2, checkpoint_dir=str(d), progress=False)
+    with pytest.raises(ValueError, match=r"objective recording \['loss'\], not \['loss', 'g0'\]"):
+        cd.optimize_schedule(lambda s, k: (s.g0**2, {"g0": s.g0}), Constant(0.1), steps=4, checkpoint_dir=str(d),
+                             progress=False)
 
 
 @pytest.mark.slow  # ~50-60 s of compilation on 2 CPU cores; run with -m slow
