@@ -176,23 +176,36 @@ def test_data_parallel_training_and_sampling_on_4_fake_devices_equal_one_device(
 OLD_RUN = pathlib.Path(__file__).parent / "data" / "run_0.1.0"
 
 
-def test_a_run_written_by_version_0_1_0_loads_and_resumes_exactly(tmp_path):
-    # tests/data/run_0.1.0: written by the flat-config layout of 0.1.0 (before the training module
-    # was split), a 4-step run stopped at step 2, in a process without x64 (training under x64 takes
-    # other float paths); the .npz holds that code's forward outputs at step 2 and of the same run
-    # trained without interruption to step 4
-    config = TrainConfig(block_channels=(8, 8), attention=(False, True), num_groups=4, attention_head_dim=4, n_train=256,
+# tests/data/run_0.1.0: written by the flat-config layout of 0.1.0 (before the training module was
+# split), a 4-step run stopped at step 2, in a process without x64 (training under x64 takes other
+# float paths); the .npz holds that code's forward outputs at step 2 and of the same run trained
+# without interruption to step 4
+OLD_CONFIG = TrainConfig(block_channels=(8, 8), attention=(False, True), num_groups=4, attention_head_dim=4, n_train=256,
                          batch_size=16, steps=4, log_every=1, ckpt_every=2, warmup_steps=1, T=20)
+
+
+def _old_run_inputs():
+    return jax.random.normal(jax.random.key(0), (2, 28, 28, 2), np.float32), np.array([3, 17], np.int32)
+
+
+def test_a_run_written_by_version_0_1_0_loads():
+    ref = np.load(OLD_RUN.parent / "run_0.1.0_outputs.npz")
+    with jax.enable_x64(False):
+        z, t = _old_run_inputs()
+        loaded = load_run(OLD_RUN)
+        assert loaded.config == OLD_CONFIG and loaded.step == 2 and [h["step"] for h in loaded.history] == [1, 2]
+        for m in ("model", "ema_model"):
+            np.testing.assert_allclose(getattr(loaded, m)(z, t), ref[f"step2_{m}"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow  # ~50 s: a compilation of the step without x64 that no other default test shares
+def test_a_run_written_by_version_0_1_0_resumes_exactly(tmp_path):
     ref = np.load(OLD_RUN.parent / "run_0.1.0_outputs.npz")
     run = tmp_path / "run"
     shutil.copytree(OLD_RUN, run)
     with jax.enable_x64(False):
-        z, t = jax.random.normal(jax.random.key(0), (2, 28, 28, 2), np.float32), np.array([3, 17], np.int32)
-        loaded = load_run(run)
-        assert loaded.config == config and loaded.step == 2
-        for m in ("model", "ema_model"):
-            np.testing.assert_allclose(getattr(loaded, m)(z, t), ref[f"step2_{m}"], rtol=0, atol=1e-5)
-        resumed = train(config, run, progress=False)
+        z, t = _old_run_inputs()
+        resumed = train(OLD_CONFIG, run, progress=False)
         assert resumed.step == 4 and [h["step"] for h in resumed.history] == [1, 2, 3, 4]
         for m in ("model", "ema_model"):
             np.testing.assert_allclose(getattr(resumed, m)(z, t), ref[f"step4_{m}"], rtol=0, atol=1e-5)
