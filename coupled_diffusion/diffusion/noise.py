@@ -19,6 +19,7 @@ $y_m = m / \sqrt{\lambda_m}$ of eq (102), where the noise is standard.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal
 
 import equinox as eqx
@@ -28,6 +29,8 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from .._checks import concrete
+
+TERMINAL_SIGNAL_WARN = 0.1  # a VP schedule leaving more of the data at its last step warns when built
 
 
 def _linear_betas(T: int, beta_start: float, beta_end: float) -> np.ndarray:
@@ -70,8 +73,15 @@ class VPSchedule(eqx.Module):
         a32 = (1.0 - b32).astype(np.float32)
         self.betas = jnp.asarray(b32)
         self.alphas = jnp.asarray(a32)
-        self.alphas_cumprod = jnp.asarray(np.cumprod(a32, dtype=np.float32))
+        cumprod = np.cumprod(a32, dtype=np.float32)
+        self.alphas_cumprod = jnp.asarray(cumprod)
         self.kind = kind
+        signal = float(np.sqrt(cumprod[-1]))
+        if signal > TERMINAL_SIGNAL_WARN:
+            warnings.warn(f"this VP schedule leaves terminal_signal = sqrt(alpha_bar[T-1]) = {signal:.3g} of the data at its last "
+                          f"step (more than {TERMINAL_SIGNAL_WARN}), but every sampler starts from pure noise there: samples "
+                          "will be off. Raise `beta_end` or `T`, or use the default end points (scaled by 1000 / T).",
+                          UserWarning, stacklevel=3)
 
     @classmethod
     def linear(cls, T: int = 1000, beta_start: float | None = None, beta_end: float | None = None) -> VPSchedule:
@@ -101,7 +111,13 @@ class VPSchedule(eqx.Module):
 
     @property
     def terminal_signal(self) -> float:
-        r"""$\sqrt{\bar\alpha_{T-1}}$: the fraction of the data left at the last step (a sampler starting from noise assumes 0)."""
+        r"""$\sqrt{\bar\alpha_{T-1}}$: the fraction of the data left at the last step.
+
+        Every sampler starts from pure noise at the last step, i.e. assumes this is 0. A schedule
+        whose terminal signal exceeds `TERMINAL_SIGNAL_WARN` (0.1) warns when it is built:
+        DDPM's `(1e-4, 0.02)` unscaled at T = 200 leaves 0.37, and samples from a model trained
+        on it were stroke textures, not digits.
+        """
         return float(np.sqrt(np.asarray(self.alphas_cumprod)[-1]))
 
     @property

@@ -30,7 +30,20 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from .._checks import concrete
 from .noise import ModeNoise, VPSchedule, per_sample, predict_x0
+
+
+def _check_timesteps(schedule: VPSchedule, t, t_prev) -> None:
+    """A step goes from a timestep `t` in `[0, T)` to `t_prev` in `[-1, t)` (-1: the clean end); checked when concrete."""
+    tv, pv = concrete(t), concrete(t_prev)
+    T = schedule.T
+    if tv is not None and not np.all((tv >= 0) & (tv < T)):
+        raise ValueError(f"timestep `t` must lie in [0, T = {T}), got {np.unique(tv).tolist()[:8]}.")
+    if pv is not None and not np.all(pv >= -1):
+        raise ValueError(f"`t_prev` must be >= -1 (-1: the clean end), got {np.unique(pv).tolist()[:8]}.")
+    if tv is not None and pv is not None and not np.all(pv < tv):
+        raise ValueError(f"`t_prev` must be below `t` (a reverse step goes down), got t = {tv.tolist()} and t_prev = {pv.tolist()}.")
 
 
 def ddpm_step(schedule: VPSchedule, z_t, eps_hat, t, t_prev, noise_draw, *, clip: float | None = None):
@@ -40,6 +53,7 @@ def ddpm_step(schedule: VPSchedule, z_t, eps_hat, t, t_prev, noise_draw, *, clip
     `t == 0`. `clip` bounds $\hat z_0$ to `[-clip, clip]` (diffusers' `clip_sample`). `t`, `t_prev`
     are integer arrays of shape `(B,)` (or scalars).
     """
+    _check_timesteps(schedule, t, t_prev)
     t, t_prev = jnp.broadcast_to(t, z_t.shape[:1]), jnp.broadcast_to(t_prev, z_t.shape[:1])
     ab_t = per_sample(schedule.alphas_cumprod[t], z_t)
     ab_prev = per_sample(schedule.alpha_bar_prev(t_prev), z_t)
@@ -60,6 +74,10 @@ def ddim_step(schedule: VPSchedule, z_t, eps_hat, t, t_prev, noise_draw=None, *,
     With `eta > 0`, `noise_draw` (a draw of the forward noise law) scales by
     $\sigma_t = \eta \sqrt{(1 - \bar\alpha_{prev}) / (1 - \bar\alpha_t)\,(1 - \bar\alpha_t / \bar\alpha_{prev})}$.
     """
+    _check_timesteps(schedule, t, t_prev)
+    e = concrete(eta)
+    if e is not None and not (e.ndim == 0 and e >= 0):
+        raise ValueError(f"`eta` must be a scalar >= 0 (0: deterministic DDIM, 1: DDPM-like), got {e.tolist()}.")
     t, t_prev = jnp.broadcast_to(t, z_t.shape[:1]), jnp.broadcast_to(t_prev, z_t.shape[:1])
     ab_t = per_sample(schedule.alphas_cumprod[t], z_t)
     ab_prev = per_sample(schedule.alpha_bar_prev(t_prev), z_t)

@@ -75,6 +75,12 @@ def schedule_experiment(
     """
     key = jax.random.key(0) if key is None else key
     t_max = 2.0
+    if not (np.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"`learning_rate` must be a finite number > 0 (a negative rate would ascend the objective), "
+                         f"got {learning_rate!r}.")
+    for name, n in (("steps", steps), ("n_train", n_train), ("n_val", n_val), ("n_test", n_test), ("n_steps", n_steps)):
+        if not (isinstance(n, int | np.integer) and not isinstance(n, bool) and n >= 1):
+            raise ValueError(f"`{name}` must be a positive integer, got {n!r}.")
     if knots[0] != 0.0 or knots[-1] != t_max:
         raise ValueError(f"`knots` must start at 0 and end at T = {t_max}, got {knots}.")
     trial_kw = dict(dim=dim, m2=m2, n_steps=n_steps, t_max=t_max)

@@ -89,6 +89,10 @@ class _Mapping:
                 raise ValueError(f"Shape mismatch for {self.source} key {key!r} (model parameter "
                                  f"{'.'.join(map(str, path))}): checkpoint shape {raw or '?'}, which is "
                                  f"{tuple(arr.shape)} in the Flax layout, but the model expects {tuple(want.shape)}.")
+            if np.issubdtype(np.asarray(arr).dtype, np.inexact) and not np.all(np.isfinite(arr)):
+                raise ValueError(f"The {self.source} checkpoint's {key!r} (model parameter {'.'.join(map(str, path))}) holds "
+                                 f"{int(np.size(arr) - np.isfinite(arr).sum())} non-finite values: the file is damaged or "
+                                 "the weights diverged in training.")
             leaves.append((path, var.replace(jnp.asarray(arr, dtype=want.dtype))))
         unknown = sorted(set(self.tensors) - self.used)
         if unknown:

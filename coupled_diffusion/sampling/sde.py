@@ -47,9 +47,37 @@ def _tabulated(score, times, solver):
     return score
 
 
+def _state(ou, z, name: str = "z"):
+    """`z` as an array of states `(..., k, d)`, checked: k must be the process's, and concrete values finite."""
+    z = jnp.asarray(z)
+    if z.ndim < 2 or z.shape[-2] != ou.k:
+        raise ValueError(f"`{name}` must hold states of shape (..., k, d) with k = {ou.k} modalities, got shape {z.shape}.")
+    v = concrete(z)
+    if v is not None and not np.all(np.isfinite(v)):
+        bad = ~np.isfinite(v)
+        first = np.unravel_index(int(np.flatnonzero(bad)[0]), v.shape)
+        raise ValueError(f"`{name}` holds {int(bad.sum())} non-finite entries (the first at index {tuple(int(i) for i in first)}).")
+    return z
+
+
+def _check_save_at(save_at, t_start, t_end, n_steps) -> None:
+    """Concrete `save_at` times must be forward times on the sampler's grid."""
+    ts, a, b = concrete(jnp.asarray(save_at)), concrete(jnp.asarray(t_start)), concrete(jnp.asarray(t_end))
+    if ts is None or a is None or b is None:
+        return
+    ts = np.asarray(ts, float).reshape(-1)
+    h = (float(a) - float(b)) / n_steps
+    index = (float(a) - ts) / h
+    off = ~np.isfinite(ts) | (ts < float(b) - 1e-9 * h) | (ts > float(a) + 1e-9 * h) | (np.abs(index - np.round(index)) > 1e-6)
+    if off.any():
+        raise ValueError(f"`save_at` times must lie on the sampler's grid t_start - i (t_start - t_end) / n_steps (step {h:g} from "
+                         f"{float(a):g} down to {float(b):g}); {ts[off][:8].tolist()} do not.")
+
+
 def _grid(t_start, t_end, n_steps, dtype):
-    if not (isinstance(n_steps, int) and n_steps >= 1):
+    if not (isinstance(n_steps, int | np.integer) and not isinstance(n_steps, bool) and n_steps >= 1):
         raise ValueError(f"`n_steps` must be a positive integer, got {n_steps!r}.")
+    n_steps = int(n_steps)
     a, b = concrete(jnp.asarray(t_start)), concrete(jnp.asarray(t_end))
     if a is not None and b is not None and not (0 <= b < a and np.isfinite(a)):
         raise ValueError(f"Need 0 <= t_end < t_start < inf (forward times; the sampler runs from t_start down to t_end), "
@@ -121,9 +149,12 @@ def reverse_sde(
     **Returns:** the states at `t_end`, or `(states at save_at, states at t_end)` when
     `save_at` is given (saved states stacked in front).
     """
-    z = jnp.asarray(z)
+    z = _state(ou, z)
     dtype = z.dtype
     grid = _grid(t_start, t_end, n_steps, dtype)
+    n_steps = int(n_steps)
+    if save_at is not None:
+        _check_save_at(save_at, t_start, t_end, n_steps)
     t_top = jnp.asarray(t_start, dtype)
     sigma = jnp.sqrt(jnp.asarray(ou.sigma_w2, dtype))
     solver = _solver(solver)
@@ -149,7 +180,7 @@ def continue_reverse_sde(ou, score, z, *, key, t_from, t_max, dt, max_steps: int
     split off a master trajectory at many branch times); `max_steps` bounds the number of
     steps (e.g. `round(t_max / dt)`). Returns the states at $t = 0$.
     """
-    z = jnp.asarray(z)
+    z = _state(ou, z)
     dtype = z.dtype
     t_top = jnp.asarray(t_max, dtype)  # forward time t = t_max - s, so s = t_max is t = 0
     dt = jnp.asarray(dt, dtype)
@@ -169,9 +200,10 @@ def forward_sde(ou, z0, *, key, t_end, n_steps: int, increments: str = "gaussian
     For Monte Carlo checks of the moments; exact-in-law sampling at a fixed time is
     [`sample_marginal`][].
     """
-    z0 = jnp.asarray(z0)
+    z0 = _state(ou, z0, "z0")
     dtype = z0.dtype
     grid = _grid(t_end, 0.0, n_steps, dtype)
+    n_steps = int(n_steps)
     sigma = jnp.sqrt(jnp.asarray(ou.sigma_w2, dtype))
     solver = _solver(solver)
     drift = lambda t, z, args: kron_apply(ou.drift_matrix(t).astype(dtype), z)
@@ -189,7 +221,7 @@ def probability_flow(
     `n_steps` for fixed uniform steps instead (then `solver` defaults to `Heun`).
     Deterministic: the randomness is in the initial states `z`.
     """
-    z = jnp.asarray(z)
+    z = _state(ou, z)
     dtype = z.dtype
     t_top = jnp.asarray(t_start, dtype)
     drift = _reverse_drift(ou, score, t_top, 0.5 * jnp.asarray(ou.sigma_w2, dtype), dtype)

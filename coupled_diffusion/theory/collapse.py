@@ -19,6 +19,7 @@ the right $D$: the joint $\alpha$ is half the per-mode one.
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optimistix as optx
 
 from .._checks import as_float, check_same_k, concrete
@@ -173,7 +174,9 @@ def collapse_time(
     check_same_k(ou, data)
     if conditional and ou.k < 2:
         raise ValueError("`conditional=True` needs k >= 2 modalities.")
-    target = target % ou.k
+    if not (isinstance(target, int | np.integer) and -ou.k <= target < ou.k):
+        raise ValueError(f"`target` must index one of the k = {ou.k} modalities (-{ou.k} <= target < {ou.k}), got {target!r}.")
+    target = int(target) % ou.k
     dtype = jnp.result_type(ou.sigma_w2, data.gram, float)
     alpha = as_float(alpha, "alpha").astype(dtype)
     t_min = as_float(t_min, "t_min").astype(dtype)

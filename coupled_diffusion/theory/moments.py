@@ -13,7 +13,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .._checks import check_same_k
+from .._checks import check_same_k, check_times
 from .._linalg import Mat
 from .._types import KxK
 from ._semigroup import MAX_DOUBLINGS, covariances, transition_mat
@@ -60,6 +60,8 @@ def moments(ou: CoupledOU, data: TwoClassMixture, t):
     ($dE/dt = M(t) E$) and the rest follow from [`MomentPath`][].
     """
     check_same_k(ou, data)
+    check_times(t)
+    ou.require_stable("moments")
     if ou.time_dependent:
         t = jnp.asarray(t, jnp.result_type(ou.sigma_w2, t))
         path = MomentPath.of(ou, jnp.max(t))

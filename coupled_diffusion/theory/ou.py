@@ -9,8 +9,10 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .._checks import as_float, check_finite, check_positive, check_square, concrete
+from .._linalg import Mat, positive_stable
 from .._types import KxK, Scalar, ScalarLike
 
 STRUCTURES = ("general", "symmetric", "anisotropic")
@@ -142,11 +144,12 @@ class CoupledOU(eqx.Module):
             )
 
     def stable(self):
-        """Traced check that the structured constructors' stability condition holds.
+        """Traced check that the forward process relaxes: every eigenvalue of M has a negative real part.
 
-        `True` for a general M: any M defines a valid Gaussian forward process. For a
-        time-dependent M this checks $\\beta > 0$ only (a schedule's own bounds keep
-        $|g(t)| < \\beta$).
+        The structured constructors' conditions ($\\beta > |g|$, $\\beta > 0$) for them, and
+        Routh-Hurwitz on $-M$ for a general M (no eigen-decomposition: works under `jit`,
+        `vmap` and `grad`). For a time-dependent M this checks $\\beta > 0$ only (a schedule's
+        own bounds keep $|g(t)| < \\beta$), and nothing for a general M(t).
         """
         if self.time_dependent:
             return self.beta > 0 if isinstance(self.M, StructuredDrift) else jnp.asarray(True)
@@ -154,7 +157,18 @@ class CoupledOU(eqx.Module):
             return self.beta > jnp.abs(self.M[0, 1])
         if self.structure == "anisotropic":
             return self.beta > 0
-        return jnp.asarray(True)
+        return positive_stable(-Mat.of(self.M))
+
+    def require_stable(self, what: str) -> None:
+        """Raise where `what` needs a relaxing forward process and a concrete constant M has an
+        eigenvalue with a non-negative real part (under `jit` the solvers' `unstable` result
+        code reports it instead)."""
+        M = None if self.time_dependent else concrete(self.M)
+        if M is not None:
+            eig = np.linalg.eigvals(np.asarray(M, np.float64))
+            if not np.all(eig.real < 0):
+                raise ValueError(f"`{what}` needs a stable M (every eigenvalue with a negative real part, so that the forward "
+                                 f"process relaxes to a stationary law); this M has eigenvalues {np.round(eig, 6).tolist()}.")
 
 
 def _check_scalars(**kw) -> None:

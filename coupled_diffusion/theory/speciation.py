@@ -20,7 +20,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .._checks import as_float, check_same_k, concrete, dim_scale
+from .._checks import as_float, check_same_k, check_times, concrete, dim_scale
 from .._linalg import Mat, positive_stable, trace_mm
 from .._results import RESULTS, Solution, finish
 from . import _roots
@@ -65,6 +65,8 @@ def kappa(ou: CoupledOU, data: TwoClassMixture, t, *, dim=None):
         modality dimension $d$ for the unscaled finite-$d$ $\kappa_d = d\,\kappa$ (eq 61).
     """
     check_same_k(ou, data)
+    check_times(t)
+    ou.require_stable("kappa")
     if ou.time_dependent:  # moments from the ODE, M(t) in the reverse drift
         t = jnp.asarray(t, jnp.result_type(ou.sigma_w2, data.gram, float))
         path = MomentPath.of(ou, jnp.max(t))
