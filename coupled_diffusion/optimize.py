@@ -115,13 +115,16 @@ def optimize_schedule(
     if checkpoint_dir is not None:
         ckpts = Checkpoints(checkpoint_dir, keep=2, doc_item="history")
         latest = ckpts.latest()
-        if latest is not None:
-            if latest > steps:
-                raise ValueError(f"{checkpoint_dir} holds a run at step {latest}, beyond steps={steps}.")
-            saved = ckpts.restore_doc(latest)
+        if latest is not None and latest > steps:
+            raise ValueError(f"{checkpoint_dir} holds a run at step {latest}, beyond steps={steps}.")
+
+        def same_objective(saved: dict) -> None:
             if saved["names"] != names:
                 raise ValueError(f"{checkpoint_dir} was written by an objective recording {saved['names']}, not {names}.")
-            state = ckpts.restore_tree(latest, state)
+
+        found = ckpts.restore_newest(state, check_doc=same_objective, set_aside=True)  # verified; past damage falls back
+        if found is not None:
+            _, state, saved = found
             past = np.asarray(saved["values"], float)
             history[: len(past)] = past
     start = int(state["step"])

@@ -61,26 +61,33 @@ def save_checkpoint(ckpts: Checkpoints, step: int, state, config: TrainConfig, h
     ckpts.save(step, _stored(state), meta)
 
 
-def restore_checkpoint(ckpts: Checkpoints, step: int, state, config: TrainConfig, out: Path):
-    """The training state and history of checkpoint `step`, into the structure of `state`.
+def restore_checkpoint(ckpts: Checkpoints, state, config: TrainConfig, out: Path):
+    """`(step, state, history)` of the newest intact checkpoint, into the structure of `state`; `None` if there is none.
 
-    Raises when the checkpoint was written with another configuration, naming the fields that differ.
+    Each array is checked against the digest saved with it; a damaged checkpoint is set aside
+    (renamed `<step>.damaged`) with a warning and the one before it is used. Raises when a
+    checkpoint was written with another configuration, naming the fields that differ.
     """
-    meta = ckpts.restore_doc(step)
-    saved = TrainConfig.from_json(meta["config"])
-    if saved != config:
-        given = config.to_json()
-        diff = {k: (v, given[k]) for k, v in saved.to_json().items() if given[k] != v}
-        raise ValueError(f"{out} holds a run with a different configuration (saved vs given: {diff}). "
-                         "Use another `out_dir`, or pass `resume=False` to start over there.")
-    got = ckpts.restore_tree(step, _stored(state))
+
+    def same_config(meta: dict) -> None:
+        saved = TrainConfig.from_json(meta["config"])
+        if saved != config:
+            given = config.to_json()
+            diff = {k: (v, given[k]) for k, v in saved.to_json().items() if given[k] != v}
+            raise ValueError(f"{out} holds a run with a different configuration (saved vs given: {diff}). "
+                             "Use another `out_dir`, or pass `resume=False` to start over there.")
+
+    found = ckpts.restore_newest(_stored(state), check_doc=same_config, set_aside=True)
+    if found is None:
+        return None
+    step, got, meta = found
     new = dict(state)
     for k in ("params", "rest", "ema"):
         s = state[k]
         nnx.replace_by_pure_dict(s, got[k])
         new[k] = s
     new["opt"], new["step"], new["bad_step"] = got["opt"], got["step"], jnp.int32(-1)
-    return new, list(meta.get("history", []))
+    return step, new, list(meta.get("history", []))
 
 
 def _abstract_state(config: TrainConfig):
@@ -98,14 +105,18 @@ def load_run(out_dir: str | Path, *, step: int | None = None) -> TrainResult:
     out = Path(out_dir)
     if not (out / "checkpoints").is_dir():
         raise FileNotFoundError(f"no checkpoints in {out}/checkpoints.")
+    like = lambda meta: _abstract_state(TrainConfig.from_json(meta["config"]))[2]
     with run_checkpoints(out, 1_000_000) as ckpts:
-        step = ckpts.latest() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoints in {out}/checkpoints.")
-        meta = ckpts.restore_doc(step)
-        config = TrainConfig.from_json(meta["config"])
-        graphdef, (params, rest), like = _abstract_state(config)
-        got = ckpts.restore_tree(step, like)
+        if step is None:  # the newest intact checkpoint
+            found = ckpts.restore_newest(like)
+            if found is None:
+                raise FileNotFoundError(f"no checkpoints in {out}/checkpoints.")
+            step, got, meta = found
+        else:
+            meta = ckpts.read_doc(step)
+            got, meta = ckpts.restore(step, like(meta), meta)
+    config = TrainConfig.from_json(meta["config"])
+    graphdef, (params, rest), _ = _abstract_state(config)
     ema = jax.tree.map(lambda x: x, params)
     for target, key in ((params, "params"), (rest, "rest"), (ema, "ema")):
         nnx.replace_by_pure_dict(target, got[key])

@@ -103,10 +103,11 @@ def train(config: TrainConfig = TrainConfig(), out_dir: str | Path | None = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         ckpts = run_checkpoints(out, config.keep)
-        latest = ckpts.latest() if resume else None
-        if latest is not None:
-            state, history = restore_checkpoint(ckpts, latest, state, config, out)
-        _trim_metrics(out / "metrics.jsonl", latest or 0)
+        found = restore_checkpoint(ckpts, state, config, out) if resume else None
+        resumed_at = 0
+        if found is not None:
+            resumed_at, state, history = found
+        _trim_metrics(out / "metrics.jsonl", resumed_at)
         (out / "config.json").write_text(json.dumps(config.to_json(), indent=1))
     leaves, treedef = jax.tree.flatten(state)
     step_fn = compiled_step(graphdef, treedef, config.noise, config.model, config.optimizer, config.run)
