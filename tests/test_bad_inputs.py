@@ -7,6 +7,7 @@ the same cases through their result codes (`throw=False`); see tests/test_specia
 """
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -153,4 +154,6 @@ def test_valid_inputs_next_to_the_bad_ones_still_work(tmp_path):
     x, y = _mnist(tmp_path, x=np.full((12, 784), 255, np.uint8))  # flat uint8 images
     assert x.shape == (12, 28, 28) and x.max() == 1.0 and y.dtype == np.int32
     cd.TrainConfig.paper().validate()
+    as_path = TrainConfig(data_path=tmp_path / "m.npz")  # a path object is kept as text, so config.json can hold it
+    assert as_path.data_path == str(tmp_path / "m.npz") and json.dumps(as_path.to_json())
     _config(classes=(3, 5), pairing="ctrl", n_train=100, dropout=0.1, seed=0)

