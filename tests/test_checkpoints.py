@@ -21,7 +21,8 @@ def _two_checkpoints(directory):
 
 
 def _largest_array_file(directory: pathlib.Path, step: int) -> pathlib.Path:
-    files = [p for p in (directory / str(step) / "state").rglob("*") if p.is_file()]
+    """The largest of the array data files (orbax's OCDBT `d/` folders) of checkpoint `step`, not a metadata file."""
+    files = [p for p in (directory / str(step) / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
     return max(files, key=lambda p: p.stat().st_size)
 
 

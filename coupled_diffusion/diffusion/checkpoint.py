@@ -101,11 +101,17 @@ def _abstract_state(config: TrainConfig):
 
 
 def load_run(out_dir: str | Path, *, step: int | None = None) -> TrainResult:
-    """Load a run's checkpoint (the latest, or `step`) as a `TrainResult`, without training or data."""
+    """Load a run's checkpoint (the newest intact one, or `step`) as a `TrainResult`, without training or data."""
     out = Path(out_dir)
     if not (out / "checkpoints").is_dir():
         raise FileNotFoundError(f"no checkpoints in {out}/checkpoints.")
-    like = lambda meta: _abstract_state(TrainConfig.from_json(meta["config"]))[2]
+    built = {}
+
+    def like(meta):  # the stored structure of the run a checkpoint's document describes
+        built["config"] = TrainConfig.from_json(meta["config"])
+        built["graphdef"], built["model"], stored = _abstract_state(built["config"])
+        return stored
+
     with run_checkpoints(out, 1_000_000) as ckpts:
         if step is None:  # the newest intact checkpoint
             found = ckpts.restore_newest(like)
@@ -115,8 +121,7 @@ def load_run(out_dir: str | Path, *, step: int | None = None) -> TrainResult:
         else:
             meta = ckpts.read_doc(step)
             got, meta = ckpts.restore(step, like(meta), meta)
-    config = TrainConfig.from_json(meta["config"])
-    graphdef, (params, rest), _ = _abstract_state(config)
+    config, graphdef, (params, rest) = built["config"], built["graphdef"], built["model"]
     ema = jax.tree.map(lambda x: x, params)
     for target, key in ((params, "params"), (rest, "rest"), (ema, "ema")):
         nnx.replace_by_pure_dict(target, got[key])
