@@ -27,6 +27,21 @@ def _to_json(d):
     return out
 
 
+def _list_of(kind, what: str, least=None):
+    """An argparse type: a comma-separated list of `kind` values (each >= `least`), or a one-line usage error naming `what`."""
+
+    def parse(text: str):
+        try:
+            values = [kind(x) for x in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+        if least is not None and any(v < least for v in values):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
+        return tuple(values)
+
+    return parse
+
+
 class _Output:
     """A command's output directory (created), its clock, and the JSON and PNG files it writes."""
 
@@ -100,7 +115,7 @@ def cmd_exact_score(args) -> int:
     from .plotting import plot_cloning, plot_memorization
 
     out = _Output(args.out)
-    dims = [int(x) for x in args.dims.split(",")]
+    dims = list(args.dims)
     with _bar(total=len(dims), desc="cloning (dims)") as bar:
         clo = cloning_vs_dim(dims, n_pairs=args.n_pairs, n_steps=args.n_steps, increments=args.increments,
                              key=jax.random.key(args.seed), progress=lambda i, n: bar.update(i - bar.n))
@@ -129,7 +144,7 @@ def cmd_optimize_schedule(args) -> int:
     from .plotting import plot_schedule_opt
 
     out = _Output(args.out)
-    thetas = [float(x) * math.pi for x in args.thetas.split(",")]
+    thetas = [x * math.pi for x in args.thetas]
 
     def report(run):
         b, v, L = run["test"]["baseline"], run["test"]["vs_best"], run["test"]["learned"]
@@ -158,9 +173,6 @@ def cmd_train(args) -> int:
     base = TrainConfig.paper() if args.paper else TrainConfig()
     fields = set(TrainConfig.fields())
     over = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    for k in ("block_channels", "classes"):
-        if isinstance(over.get(k), str):
-            over[k] = tuple(int(c) for c in over[k].split(","))
     if "block_channels" in over and "attention" not in over:
         n = len(over["block_channels"])
         over["attention"] = tuple(i == n - 1 for i in range(n))
@@ -207,7 +219,8 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_conditional)
     p = sub.add_parser("exact-score", help="cloning vs speciation and memorisation vs collapse, exact scores (k = 1)")
     p.add_argument("--out", default="figures", help="output directory (default: ./figures)")
-    p.add_argument("--dims", default="64,256,1024", help="comma-separated dimensions for cloning (default 64,256,1024)")
+    p.add_argument("--dims", type=_list_of(int, "positive integers", least=1), default=(64, 256, 1024),
+                   help="comma-separated dimensions for cloning (default 64,256,1024)")
     p.add_argument("--n-pairs", type=int, default=1000, help="clone pairs per branch time (default 1000)")
     p.add_argument("--n-steps", type=int, default=500, help="Euler-Maruyama steps over [0, 10] (default 500)")
     p.add_argument("--increments", choices=("gaussian", "rademacher"), default="gaussian")
@@ -216,7 +229,7 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_exact_score)
     p = sub.add_parser("optimize-schedule", help="learn g(t) for Appendix C by gradient; compare with const/late/early on fresh samples")
     p.add_argument("--out", default="figures", help="output directory (default: ./figures)")
-    p.add_argument("--thetas", default="0.75,0", help="angles as multiples of pi (default 0.75,0)")
+    p.add_argument("--thetas", type=_list_of(float, "numbers"), default=(0.75, 0.0), help="angles as multiples of pi (default 0.75,0)")
     p.add_argument("--steps", type=int, default=150, help="optimisation steps per angle (default 150)")
     p.add_argument("--n-train", type=int, default=256, help="fresh trials per optimisation step (default 256)")
     p.add_argument("--n-val", type=int, default=4000, help="validation trials that pick the best grid schedule (default 4000)")
@@ -239,11 +252,12 @@ def main(argv=None) -> int:
     p.add_argument("--g", type=float, help="noise coupling g, |g| < 1 (eq 92; default 0.3)")
     p.add_argument("--pairing", choices=("main", "ctrl"), help="MAIN (x, T(x)) or CTRL (class-disjoint partners)")
     p.add_argument("--transform", choices=("edge", "invert", "dilate", "blur"), help="modality transform T (default edge)")
-    p.add_argument("--classes", help="comma-separated digit classes to keep (default all)")
+    p.add_argument("--classes", type=_list_of(int, "digits 0-9", least=0), help="comma-separated digit classes to keep (default all)")
     p.add_argument("--T", type=int, help="diffusion steps (default 200)")
     p.add_argument("--schedule", choices=("linear", "cosine"), help="beta schedule (default linear)")
     p.add_argument("--lr", type=float, help="peak AdamW learning rate")
-    p.add_argument("--channels", dest="block_channels", help="U-Net widths per level, e.g. 32,64,64")
+    p.add_argument("--channels", dest="block_channels", type=_list_of(int, "positive integer widths", least=1),
+                   help="U-Net widths per level, e.g. 32,64,64")
     p.add_argument("--whitened-loss", dest="whitened_loss", action="store_true", default=None,
                    help="measure the eps error in the whitened (eq 102) coordinates")
     p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 compute (accelerators)")

@@ -157,3 +157,18 @@ def test_valid_inputs_next_to_the_bad_ones_still_work(tmp_path):
     as_path = TrainConfig(data_path=tmp_path / "m.npz")  # a path object is kept as text, so config.json can hold it
     assert as_path.data_path == str(tmp_path / "m.npz") and json.dumps(as_path.to_json())
     _config(classes=(3, 5), pairing="ctrl", n_train=100, dropout=0.1, seed=0)
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    pytest.param(["train", "--channels", "16,abc"], "argument --channels: expected comma-separated positive integer widths", id="channels"),
+    pytest.param(["train", "--classes", "3,five"], "argument --classes: expected comma-separated digits 0-9", id="classes"),
+    pytest.param(["exact-score", "--dims", "64,x"], "argument --dims: expected comma-separated positive integers", id="dims"),
+    pytest.param(["optimize-schedule", "--thetas", "0.5,pi"], "argument --thetas: expected comma-separated numbers", id="thetas"),
+])
+def test_cli_list_flags_fail_as_usage_errors_not_tracebacks(argv, match, capsys):
+    from coupled_diffusion.cli import main
+
+    with pytest.raises(SystemExit) as stop:  # argparse's exit: before any JAX work or CPU tuning
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and match in err and "Traceback" not in err
