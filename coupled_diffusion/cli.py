@@ -32,12 +32,13 @@ def _list_of(kind, what: str, least=None):
 
     def parse(text: str):
         try:
-            values = [kind(x) for x in text.split(",")]
+            values = tuple(kind(x) for x in text.split(","))
+            ok = least is None or all(v >= least for v in values)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
-        if least is not None and any(v < least for v in values):
+            ok = False
+        if not ok:
             raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
-        return tuple(values)
+        return values
 
     return parse
 

@@ -167,9 +167,9 @@ class PiecewiseLinear(Schedule):
     @classmethod
     def from_values(cls, knots, values, *, bound=None) -> "PiecewiseLinear":
         values = as_float(values, "values")
-        check_finite(values, "values")
         if bound is None:
-            return cls(knots, values)
+            return cls(knots, values)  # checks the values itself
+        check_finite(values, "values")  # before arctanh, which would turn a NaN into a NaN parameter
         v, b = concrete(values), _bound(bound)
         if v is not None and np.any(np.abs(v) >= b):
             raise ValueError(f"Every value must satisfy |g| < bound = {b}, got {v.tolist()}.")

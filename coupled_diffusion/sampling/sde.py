@@ -111,9 +111,9 @@ def _reverse_drift(ou, score, t_top, weight, dtype):
     return drift
 
 
-def _fixed_steps(terms, solver, grid, z, saveat, n_steps):
+def _fixed_steps(terms, solver, grid, z, saveat):
     return diffrax.diffeqsolve(terms, solver, grid[0], grid[-1], None, z, stepsize_controller=diffrax.StepTo(ts=grid),
-                               saveat=saveat, max_steps=n_steps)
+                               saveat=saveat, max_steps=grid.shape[0] - 1)
 
 
 def reverse_sde(
@@ -152,7 +152,6 @@ def reverse_sde(
     z = _state(ou, z)
     dtype = z.dtype
     grid = _grid(t_start, t_end, n_steps, dtype)
-    n_steps = int(n_steps)
     if save_at is not None:
         _check_save_at(save_at, t_start, t_end, n_steps)
     t_top = jnp.asarray(t_start, dtype)
@@ -164,7 +163,7 @@ def reverse_sde(
         saveat = diffrax.SaveAt(t1=True)
     else:
         saveat = diffrax.SaveAt(ts=t_top - jnp.asarray(save_at, dtype), t1=True)
-    sol = _fixed_steps(terms, solver, grid, z, saveat, n_steps)
+    sol = _fixed_steps(terms, solver, grid, z, saveat)
     if save_at is None:
         return sol.ys[-1]
     return sol.ys[:-1], sol.ys[-1]
@@ -203,12 +202,11 @@ def forward_sde(ou, z0, *, key, t_end, n_steps: int, increments: str = "gaussian
     z0 = _state(ou, z0, "z0")
     dtype = z0.dtype
     grid = _grid(t_end, 0.0, n_steps, dtype)
-    n_steps = int(n_steps)
     sigma = jnp.sqrt(jnp.asarray(ou.sigma_w2, dtype))
     solver = _solver(solver)
     drift = lambda t, z, args: kron_apply(ou.drift_matrix(t).astype(dtype), z)
     terms = _terms(drift, sigma, _grid_path(z0.shape, key, grid, dtype, increments, solver), z0.shape, dtype)
-    return _fixed_steps(terms, solver, grid, z0, diffrax.SaveAt(t1=True), n_steps).ys[-1]
+    return _fixed_steps(terms, solver, grid, z0, diffrax.SaveAt(t1=True)).ys[-1]
 
 
 def probability_flow(
@@ -298,4 +296,4 @@ def reverse_conditional(
         path = GridBrownianPath(y.shape, key, start=grid[0], dt=dt, dtype=dtype, increments=increments)
     else:
         path = TabulatedBrownianPath(jnp.asarray(noise, dtype), grid[0], dt)
-    return _fixed_steps(_terms(drift, sigma, path, y.shape, dtype), diffrax.Euler(), grid, y, diffrax.SaveAt(t1=True), n_steps).ys[-1]
+    return _fixed_steps(_terms(drift, sigma, path, y.shape, dtype), diffrax.Euler(), grid, y, diffrax.SaveAt(t1=True)).ys[-1]

