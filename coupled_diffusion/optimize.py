@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from ._checkpoint import Checkpoints
+from ._results import RESULTS, Solution
 from .sampling.trials import ConditionalTrials, trial_metrics
 from .schedules import Constant
 from .theory.collapse import collapse_time
@@ -199,15 +200,20 @@ def schedule_mode_speciation_times(beta, schedule, sigma_w2, data: TwoClassMixtu
     The modes of $M(t) = -\beta I + g(t)\sigma_x$ do not depend on $t$, so each is a
     one-dimensional OU process with $\lambda_\pm(t) = -\beta \pm g(t)$ and
     $m_\pm^2 = v_\pm^\top G_0 v_\pm$ (eq 50-66 with a time-dependent $g$). Needs equal
-    data variances. Returns two [`Solution`][]s (never raises; check `found`).
+    data variances. Returns two [`Solution`][]s; check `found`. A concrete schedule that
+    reaches $|g(t)| \ge \beta$ raises (as [`CoupledOU.symmetric`][]); under `jit` both
+    solutions report `unstable` instead.
     """
+    stable = CoupledOU.symmetric(beta, schedule, sigma_w2).stable()  # |g(t)| < beta, where the schedule knows its sup
     v = np.array([[1.0, 1.0], [1.0, -1.0]]) / np.sqrt(2.0)
     m2 = jnp.diagonal(v.T @ data.gram @ v)
     var = data.variances[0]
     out = []
     for i, sign in enumerate((1.0, -1.0)):
         mode = TwoClassMixture(jnp.reshape(m2[i], (1, 1)), jnp.reshape(var, (1,)))
-        out.append(speciation_time(_mode_process(beta, schedule, sigma_w2, sign), mode, t_max=t_max, dim=dim, throw=False))
+        sol = speciation_time(_mode_process(beta, schedule, sigma_w2, sign), mode, t_max=t_max, dim=dim, throw=False)
+        result = RESULTS.where(stable, sol.result, RESULTS.unstable)
+        out.append(Solution(jnp.where(stable, sol.value, jnp.nan), result))
     return tuple(out)
 
 

@@ -69,6 +69,14 @@ class Schedule(eqx.Module):
         """Times where $g$ jumps (for the ODE step controller), or None."""
         return None
 
+    def sup_abs(self):
+        r"""$\sup_{t \ge 0} |g(t)|$ where the schedule knows it exactly (traceable), else None.
+
+        The symmetric M of eq (2) needs $|g(t)| < \beta$ at every time; [`CoupledOU.symmetric`][]
+        checks it with this value, and the solvers report `unstable` when it fails under `jit`.
+        """
+        return None
+
     def __add__(self, other):
         return Sum((self, other))
 
@@ -88,6 +96,9 @@ class Constant(Schedule):
 
     def __call__(self, t):
         return self.g0 + jnp.zeros_like(jnp.asarray(t, self.g0.dtype))
+
+    def sup_abs(self):
+        return jnp.abs(self.g0)
 
 
 class _Step(Schedule):
@@ -124,12 +135,19 @@ class Late(_Step):
     def __call__(self, t):
         return self.g0 * self._on(t, 1.0)
 
+    def sup_abs(self):
+        # on for t <= t0 (attained at t = 0); the logistic step is largest at t = 0
+        return jnp.abs(self.g0) * (1.0 if self.width is None else jax.nn.sigmoid(self.t0 / self.width))
+
 
 class Early(_Step):
     r"""Coupling only near the noise: $g(t) = g_0 \mathbf{1}\{t \ge t_0\}$ (eq 144, $g_{early}$)."""
 
     def __call__(self, t):
         return self.g0 * self._on(t, -1.0)
+
+    def sup_abs(self):
+        return jnp.abs(self.g0)  # approached as t grows, for the logistic step as well
 
 
 def _knots(knots):
@@ -184,6 +202,9 @@ class PiecewiseLinear(Schedule):
         # Interpolating between two values equal to +-b can round one ulp past b.
         return g if self.bound is None else jnp.clip(g, -self.bound, self.bound)
 
+    def sup_abs(self):
+        return jnp.max(jnp.abs(self.values))  # a linear interpolant takes its extremes at the knots
+
 
 class MonotoneSpline(Schedule):
     r"""A monotone cubic through monotone knot values (Fritsch-Carlson slopes).
@@ -237,6 +258,9 @@ class MonotoneSpline(Schedule):
         h00, h10, h01, h11 = 2 * s**3 - 3 * s**2 + 1, s**3 - 2 * s**2 + s, -2 * s**3 + 3 * s**2, s**3 - s**2
         return h00 * y[i] + h10 * h[i] * m[i] + h01 * y[i + 1] + h11 * h[i] * m[i + 1]
 
+    def sup_abs(self):
+        return jnp.max(jnp.abs(self.values))  # monotone between knots, constant beyond them
+
 
 def _edge(h0, h1, m0, m1):
     """One-sided three-point end slope, limited to keep the cubic monotone (as SciPy's PCHIP)."""
@@ -247,7 +271,7 @@ def _edge(h0, h1, m0, m1):
 
 
 class Sum(Schedule):
-    """$g(t) = \\sum_j g_j(t)$."""
+    """$g(t) = \\sum_j g_j(t)$ (its `sup_abs` is None: the sum of the terms' is only an upper bound)."""
 
     terms: tuple
 
@@ -269,6 +293,10 @@ class Scaled(Schedule):
     def __call__(self, t):
         return self.scale * self.schedule(t)
 
+    def sup_abs(self):
+        inner = _sup_abs(self.schedule)
+        return None if inner is None else jnp.abs(self.scale) * inner
+
     @property
     def jump_ts(self):
         return getattr(self.schedule, "jump_ts", None)
@@ -285,6 +313,15 @@ class Bounded(Schedule):
 
     def __call__(self, t):
         return self.bound * jnp.tanh(self.schedule(t) / self.bound)
+
+    def sup_abs(self):
+        inner = _sup_abs(self.schedule)
+        return None if inner is None else self.bound * jnp.tanh(inner / self.bound)
+
+
+def _sup_abs(schedule):
+    """`schedule.sup_abs()` for a Schedule, None for any other callable."""
+    return schedule.sup_abs() if isinstance(schedule, Schedule) else None
 
     @property
     def jump_ts(self):

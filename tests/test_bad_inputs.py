@@ -28,11 +28,17 @@ def _reverse(z=None, **kw):
     return cd.reverse_sde(OU, score, z, key=jax.random.key(0), **{"t_start": 1.0, "n_steps": 10, **kw})
 
 
-def _step(which="ddpm", t=5, t_prev=4, **kw):
+def _step(which="ddpm", t=5, t_prev=4, eps=None, draw=None, **kw):
     sched, z = cd.VPSchedule.linear(200), jnp.zeros((2, 4, 4, 2))
+    eps, draw = z if eps is None else eps, z if draw is None else draw
     if which == "ddpm":
-        return cd.ddpm_step(sched, z, z, jnp.asarray(t), jnp.asarray(t_prev), z)
-    return cd.ddim_step(sched, z, z, jnp.asarray(t), jnp.asarray(t_prev), **kw)
+        return cd.ddpm_step(sched, z, eps, jnp.asarray(t), jnp.asarray(t_prev), draw)
+    return cd.ddim_step(sched, z, eps, jnp.asarray(t), jnp.asarray(t_prev), **kw)
+
+
+def _jitted_step(t):
+    sched, z = cd.VPSchedule.linear(200), jnp.zeros((2, 4, 4, 2))
+    return jax.jit(lambda t: cd.ddpm_step(sched, z, z, t, t - 1, z))(jnp.int32(t))
 
 
 def _mnist(tmp_path, x=None, y=None):
@@ -74,6 +80,8 @@ CASES = [
     ("unstable-M-moments", lambda p: cd.moments(UNSTABLE, DATA, 1.0), ValueError, r"`moments` needs a stable M.*eigenvalues"),
     ("unstable-M-kappa", lambda p: cd.kappa(UNSTABLE, DATA, 1.0), ValueError, r"`kappa` needs a stable M"),
     ("unstable-M-speciation", lambda p: cd.speciation_time(UNSTABLE, DATA), ValueError, r"Unstable forward process"),
+    ("schedule-g-above-beta", lambda p: cd.CoupledOU.symmetric(1.0, cd.Constant(1.5), 2.0), ValueError,
+     r"needs \|g\(t\)\| < beta at every time.*sup \|g\(t\)\| = 1.5 >= beta = 1"),
     ("kappa-negative-t", lambda p: cd.kappa(OU, DATA, -1.0), ValueError, r"`t` must be finite forward times >= 0"),
     ("kappa-nan-t", lambda p: cd.kappa(OU, DATA, np.nan), ValueError, r"`t` must be finite forward times >= 0"),
     ("collapse-target-out-of-range", lambda p: cd.collapse_time(OU, DATA, alpha=1.0, conditional=True, target=5), ValueError,
@@ -92,8 +100,16 @@ CASES = [
     ("ddpm-t-equals-T", lambda p: _step(t=200, t_prev=199), ValueError, r"timestep `t` must lie in \[0, T = 200\)"),
     ("ddpm-t-500", lambda p: _step(t=500, t_prev=499), ValueError, r"timestep `t` must lie in \[0, T = 200\)"),
     ("ddpm-t-minus-1", lambda p: _step(t=-1, t_prev=-2), ValueError, r"timestep `t` must lie in \[0, T = 200\)"),
+    ("ddpm-t-equals-T-under-jit", lambda p: _jitted_step(200), RuntimeError, r"a reverse step needs timesteps 0 <= t < T = 200"),
+    ("ddpm-one-noise-draw-for-a-batch", lambda p: _step(draw=jnp.zeros((1, 4, 4, 2))), ValueError,
+     r"`noise_draw` must have the shape of `z_t`, \(2, 4, 4, 2\), got \(1, 4, 4, 2\)"),
+    ("ddim-eps-wrong-channels", lambda p: _step("ddim", eps=jnp.zeros((2, 4, 4, 3))), ValueError,
+     r"`eps_hat` must have the shape of `z_t`"),
+    ("ddpm-t-wrong-batch", lambda p: _step(t=[5, 5, 5], t_prev=[4, 4, 4]), ValueError,
+     r"`t` must be a scalar or of shape \(B,\) = \(2,\)"),
+    ("ddim-float-timestep", lambda p: _step("ddim", t=5.0, t_prev=4.0), ValueError, r"`t` must hold integer timesteps"),
     ("ddim-t-prev-above-t", lambda p: _step("ddim", t=5, t_prev=7), ValueError, r"`t_prev` must be below `t`"),
-    ("ddim-negative-eta", lambda p: _step("ddim", eta=-0.1), ValueError, r"`eta` must be a scalar >= 0"),
+    ("ddim-negative-eta", lambda p: _step("ddim", eta=-0.1), ValueError, r"`eta` must be a concrete scalar >= 0"),
     ("vp-schedule-barely-noised", lambda p: cd.VPSchedule.linear(200, beta_start=1e-4, beta_end=1e-3), UserWarning,
      r"terminal_signal = .* = 0\.9"),
     # data

@@ -122,3 +122,50 @@ def test_gradient_of_speciation_time_through_a_schedule_matches_fd():
 
     h = 1e-5
     np.testing.assert_allclose(jax.grad(f)(0.5), (f(0.5 + h) - f(0.5 - h)) / (2 * h), rtol=1e-5)
+
+
+SUP_CASES = {
+    "constant": Constant(-0.7),
+    "late": Late(0.6, 0.4),
+    "late-smooth": Late(0.6, 0.4, width=0.2),
+    "early-smooth": Early(-0.8, 0.4, width=0.05),
+    "piecewise": PiecewiseLinear([0.0, 0.5, 2.0], [0.2, -0.9, 0.4]),
+    "piecewise-bounded": PiecewiseLinear([0.0, 0.5, 2.0], [3.0, -1.0, 0.0], bound=0.8),
+    "spline": MonotoneSpline([0.0, 0.5, 1.0, 3.0], [0.1, -0.2, 0.3, 0.0, 0.5], lo=-0.3, hi=0.95, decreasing=True),
+    "scaled": -2.0 * PiecewiseLinear([0.0, 1.0], [0.1, 0.3]),
+    "bounded": Bounded(Late(3.0, 1.0), 0.9),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SUP_CASES))
+def test_sup_abs_is_the_largest_value_on_a_dense_time_grid(name):
+    schedule = SUP_CASES[name]
+    t = np.concatenate([np.linspace(0.0, 5.0, 200_001), [50.0, 1e3]])  # past the last knot and the logistic tails
+    on_grid = float(np.max(np.abs(np.asarray(jax.vmap(schedule)(jnp.asarray(t))))))
+    assert abs(float(schedule.sup_abs()) - on_grid) < 1e-5
+
+
+def test_a_symmetric_schedule_reaching_beta_is_refused_or_reported_unstable():
+    data = cd.TwoClassMixture.from_angle(1.0, 1.0, 0.5)
+    with pytest.raises(ValueError, match=r"sup \|g\(t\)\| = 1.2 >= beta = 1"):
+        cd.CoupledOU.symmetric(1.0, PiecewiseLinear([0.0, 1.0], [0.0, 1.2]), 2.0)
+    # under jit the schedule's values are traced: the solvers' result code says it instead
+    solve = jax.jit(lambda v: cd.speciation_time(cd.CoupledOU.symmetric(1.0, PiecewiseLinear([0.0, 1.0], jnp.stack([0.0, v])), 2.0),
+                                                 data, throw=False).result)
+    assert solve(1.2) == cd.RESULTS.unstable and solve(0.5) == cd.RESULTS.successful
+    # a sum's supremum is not known exactly (the two steps never overlap: sup |g| = 0.5, not 1), so it is not refused
+    summed = cd.CoupledOU.symmetric(0.8, Late(0.5, 0.3) + Early(0.5, 0.6), 2.0)
+    assert bool(summed.stable()) and summed.M.sup_abs_g() is None
+    assert bool(cd.CoupledOU.anisotropic(1.0, Constant(5.0), 2.0).stable())  # one-way coupling: beta > 0 suffices
+
+
+def test_mode_speciation_times_under_a_schedule_reaching_beta_report_unstable():
+    from coupled_diffusion.optimize import schedule_mode_speciation_times
+
+    data = cd.TwoClassMixture.from_angle(1.0, 1.0, 0.5)
+    with pytest.raises(ValueError, match=r"sup \|g\(t\)\| = 1.1 >= beta = 1"):
+        schedule_mode_speciation_times(1.0, Constant(1.1), 2.0, data)
+    solve = jax.jit(lambda g: [s.result for s in schedule_mode_speciation_times(1.0, Constant(g), 2.0, data)])
+    assert all(r == cd.RESULTS.unstable for r in solve(1.1))
+    plus, minus = solve(0.3)
+    assert plus == cd.RESULTS.successful and minus == cd.RESULTS.no_speciation  # the difference mode never speciates here

@@ -34,8 +34,21 @@ from .._checks import concrete
 from .noise import ModeNoise, VPSchedule, per_sample, predict_x0
 
 
-def _check_timesteps(schedule: VPSchedule, t, t_prev) -> None:
-    """A step goes from a timestep `t` in `[0, T)` to `t_prev` in `[-1, t)` (-1: the clean end); checked when concrete."""
+def _check_step(schedule: VPSchedule, z_t, eps_hat, t, t_prev, noise_draw):
+    """The checks of the public steps: shapes always (they are static); the timesteps raise when
+    concrete and raise an Equinox runtime error under `jit`. Returns `z_t`, tied to the traced check."""
+    z_shape = jnp.shape(z_t)
+    if len(z_shape) < 1:
+        raise ValueError(f"`z_t` must be a batch of states (B, ...), got shape {z_shape}.")
+    for name, x in (("eps_hat", eps_hat), ("noise_draw", noise_draw)):
+        if x is not None and jnp.shape(x) != z_shape:
+            raise ValueError(f"`{name}` must have the shape of `z_t`, {z_shape}, got {jnp.shape(x)}.")
+    for name, x in (("t", t), ("t_prev", t_prev)):
+        if jnp.ndim(x) > 1 or (jnp.ndim(x) == 1 and jnp.shape(x)[0] != z_shape[0]):
+            raise ValueError(f"`{name}` must be a scalar or of shape (B,) = ({z_shape[0]},) like `z_t`'s batch, "
+                             f"got shape {jnp.shape(x)}.")
+        if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+            raise ValueError(f"`{name}` must hold integer timesteps, got dtype {jnp.result_type(x)}.")
     tv, pv = concrete(t), concrete(t_prev)
     T = schedule.T
     if tv is not None and not np.all((tv >= 0) & (tv < T)):
@@ -44,6 +57,18 @@ def _check_timesteps(schedule: VPSchedule, t, t_prev) -> None:
         raise ValueError(f"`t_prev` must be >= -1 (-1: the clean end), got {np.unique(pv).tolist()[:8]}.")
     if tv is not None and pv is not None and not np.all(pv < tv):
         raise ValueError(f"`t_prev` must be below `t` (a reverse step goes down), got t = {tv.tolist()} and t_prev = {pv.tolist()}.")
+    if tv is None or pv is None:  # traced: the same conditions as a runtime error
+        t, t_prev = jnp.asarray(t), jnp.asarray(t_prev)
+        bad = jnp.any((t < 0) | (t >= T)) | jnp.any(t_prev < -1) | jnp.any(t_prev >= t)
+        z_t = eqx.error_if(z_t, bad, f"a reverse step needs timesteps 0 <= t < T = {T} and -1 <= t_prev < t.")
+    return z_t
+
+
+def _check_eta(eta) -> None:
+    e = concrete(eta)
+    if e is None or not (e.ndim == 0 and e >= 0):
+        got = "a traced value" if e is None else e.tolist()
+        raise ValueError(f"`eta` must be a concrete scalar >= 0 (0: deterministic DDIM, 1: DDPM-like), got {got}.")
 
 
 def ddpm_step(schedule: VPSchedule, z_t, eps_hat, t, t_prev, noise_draw, *, clip: float | None = None):
@@ -51,9 +76,15 @@ def ddpm_step(schedule: VPSchedule, z_t, eps_hat, t, t_prev, noise_draw, *, clip
 
     `noise_draw` is a draw of the forward noise law (`ModeNoise.sample`); it is not used where
     `t == 0`. `clip` bounds $\hat z_0$ to `[-clip, clip]` (diffusers' `clip_sample`). `t`, `t_prev`
-    are integer arrays of shape `(B,)` (or scalars).
+    are integer arrays of shape `(B,)` (or scalars) with `0 <= t < T` and `-1 <= t_prev < t`:
+    a `ValueError` when they are concrete, an Equinox runtime error under `jit`. `eps_hat` and
+    `noise_draw` must have `z_t`'s shape (a draw of one state is not broadcast over a batch).
     """
-    _check_timesteps(schedule, t, t_prev)
+    z_t = _check_step(schedule, z_t, eps_hat, t, t_prev, noise_draw)
+    return _ddpm_step(schedule, z_t, eps_hat, t, t_prev, noise_draw, clip)
+
+
+def _ddpm_step(schedule, z_t, eps_hat, t, t_prev, noise_draw, clip):
     t, t_prev = jnp.broadcast_to(t, z_t.shape[:1]), jnp.broadcast_to(t_prev, z_t.shape[:1])
     ab_t = per_sample(schedule.alphas_cumprod[t], z_t)
     ab_prev = per_sample(schedule.alpha_bar_prev(t_prev), z_t)
@@ -73,11 +104,16 @@ def ddim_step(schedule: VPSchedule, z_t, eps_hat, t, t_prev, noise_draw=None, *,
 
     With `eta > 0`, `noise_draw` (a draw of the forward noise law) scales by
     $\sigma_t = \eta \sqrt{(1 - \bar\alpha_{prev}) / (1 - \bar\alpha_t)\,(1 - \bar\alpha_t / \bar\alpha_{prev})}$.
+    The timesteps and shapes are checked as in [`ddpm_step`][].
     """
-    _check_timesteps(schedule, t, t_prev)
-    e = concrete(eta)
-    if e is not None and not (e.ndim == 0 and e >= 0):
-        raise ValueError(f"`eta` must be a scalar >= 0 (0: deterministic DDIM, 1: DDPM-like), got {e.tolist()}.")
+    z_t = _check_step(schedule, z_t, eps_hat, t, t_prev, noise_draw)
+    _check_eta(eta)
+    if eta > 0 and noise_draw is None:
+        raise ValueError("`eta > 0` needs a `noise_draw`.")
+    return _ddim_step(schedule, z_t, eps_hat, t, t_prev, noise_draw, eta, clip)
+
+
+def _ddim_step(schedule, z_t, eps_hat, t, t_prev, noise_draw, eta, clip):
     t, t_prev = jnp.broadcast_to(t, z_t.shape[:1]), jnp.broadcast_to(t_prev, z_t.shape[:1])
     ab_t = per_sample(schedule.alphas_cumprod[t], z_t)
     ab_prev = per_sample(schedule.alpha_bar_prev(t_prev), z_t)
@@ -87,11 +123,7 @@ def ddim_step(schedule: VPSchedule, z_t, eps_hat, t, t_prev, noise_draw=None, *,
     var = (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)
     std = eta * jnp.sqrt(var)
     out = jnp.sqrt(ab_prev) * x0 + jnp.sqrt(jnp.maximum(1 - ab_prev - std**2, 0.0)) * eps_hat
-    if eta > 0:
-        if noise_draw is None:
-            raise ValueError("`eta > 0` needs a `noise_draw`.")
-        out = out + std * noise_draw
-    return out
+    return out + std * noise_draw if eta > 0 else out
 
 
 def timesteps(T: int, num_steps: int | None = None) -> np.ndarray:
@@ -179,8 +211,7 @@ def sample(eps_fn, schedule: VPSchedule, noise: ModeNoise, key, z_start: Float[A
         raise ValueError(f"`method` must be 'ddpm' or 'ddim', got {method!r}.")
     if z_start.ndim < 2 or z_start.shape[-1] != noise.k:
         raise ValueError(f"`z_start` must be (B, ..., k) with k = {noise.k} channels, got shape {z_start.shape}.")
-    if not eta >= 0:
-        raise ValueError(f"`eta` must be >= 0, got {eta}.")
+    _check_eta(eta)
     if intervention is not None and not (0 <= intervention.mode < noise.k and intervention.sigma >= 0):
         raise ValueError(f"`intervention` needs 0 <= mode < {noise.k} and sigma >= 0, got mode {intervention.mode}, "
                          f"sigma {intervention.sigma}.")
@@ -221,10 +252,11 @@ def sample(eps_fn, schedule: VPSchedule, noise: ModeNoise, key, z_start: Float[A
                 x0_buf, z_buf = jax.lax.cond(s >= 0, lambda b: (b[0].at[s].set(x0), b[1].at[s].set(z)), lambda b: b,
                                              (x0_buf, z_buf))
             draw = noise.sample(jax.random.fold_in(step_key, i), z.shape, z.dtype) if (method == "ddpm" or eta > 0) else None
+            # the grid was checked above, so the unchecked steps (no runtime check per step)
             if method == "ddpm":
-                z = ddpm_step(schedule, z, eps_hat, tb, tp, draw, clip=clip)
+                z = _ddpm_step(schedule, z, eps_hat, tb, tp, draw, clip)
             else:
-                z = ddim_step(schedule, z, eps_hat, tb, tp, draw, eta=eta, clip=clip)
+                z = _ddim_step(schedule, z, eps_hat, tb, tp, draw, eta, clip)
             return z, x0_buf, z_buf
 
         z, x0_buf, z_buf = jax.lax.cond(i >= start_idx, active, lambda *a: a, z, x0_buf, z_buf)

@@ -70,7 +70,16 @@ class CoupledOU(eqx.Module):
         `g` may be a callable schedule $t \mapsto g(t)$; then $M$ is time-dependent.
         """
         if callable(g):
-            return cls(StructuredDrift(as_float(beta, "beta"), g, "symmetric"), sigma_w2, structure="symmetric")
+            drift = StructuredDrift(as_float(beta, "beta"), g, "symmetric")
+            b, sup = concrete(drift.beta), drift.sup_abs_g()
+            sup = None if sup is None else concrete(sup)
+            if b is not None and sup is not None and not b > sup:
+                raise ValueError(
+                    f"The symmetric M of eq (2) needs |g(t)| < beta at every time for a stable forward process; "
+                    f"this schedule reaches sup |g(t)| = {float(sup):g} >= beta = {float(b):g}. Bound it, e.g. "
+                    f"`Bounded(schedule, bound)` or `PiecewiseLinear.from_values(..., bound=b)` with b < beta."
+                )
+            return cls(drift, sigma_w2, structure="symmetric")
         beta, g = as_float(beta, "beta"), as_float(g, "g")
         _check_scalars(beta=beta, g=g)
         b, gg = concrete(beta), concrete(g)
@@ -148,11 +157,16 @@ class CoupledOU(eqx.Module):
 
         The structured constructors' conditions ($\\beta > |g|$, $\\beta > 0$) for them, and
         Routh-Hurwitz on $-M$ for a general M (no eigen-decomposition: works under `jit`,
-        `vmap` and `grad`). For a time-dependent M this checks $\\beta > 0$ only (a schedule's
-        own bounds keep $|g(t)| < \\beta$), and nothing for a general M(t).
+        `vmap` and `grad`). For a symmetric M(t) it checks $\\beta > \\sup_t |g(t)|$ where the
+        schedule knows that supremum (`Schedule.sup_abs`; a `Sum` of schedules or a plain
+        callable does not, and then only $\\beta > 0$ is checked); for the anisotropic M(t),
+        $\\beta > 0$; nothing for a general callable M(t).
         """
         if self.time_dependent:
-            return self.beta > 0 if isinstance(self.M, StructuredDrift) else jnp.asarray(True)
+            if not isinstance(self.M, StructuredDrift):
+                return jnp.asarray(True)
+            sup = self.M.sup_abs_g() if self.structure == "symmetric" else None
+            return self.beta > (0.0 if sup is None else sup)
         if self.structure == "symmetric":
             return self.beta > jnp.abs(self.M[0, 1])
         if self.structure == "anisotropic":
@@ -201,6 +215,11 @@ class StructuredDrift(eqx.Module):
         zero = jnp.zeros_like(beta + g)
         upper = g + zero if self.structure == "symmetric" else zero
         return jnp.stack([jnp.stack([-beta + zero, upper]), jnp.stack([g + zero, -beta + zero])])
+
+    def sup_abs_g(self):
+        r"""$\sup_t |g(t)|$ where the schedule knows it (`Schedule.sup_abs`), else None."""
+        sup = getattr(self.g, "sup_abs", None)
+        return None if sup is None else sup()
 
     @property
     def jump_ts(self):
