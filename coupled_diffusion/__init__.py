@@ -8,9 +8,11 @@ from . import _cpu_tuning
 
 _cpu_tuning.tune_at_import()  # only with COUPLED_DIFFUSION_CPU_TUNING=1, before anything can start JAX's backend
 
-# 0. foundations: version, result codes, host tuning
+# 0. foundations: version, result codes, host tuning, the errors of damaged or busy run directories
+from ._checkpoint import CorruptCheckpointError as CorruptCheckpointError
 from ._cpu_tuning import cpu_tuning as cpu_tuning, tune_cpu as tune_cpu
 from ._results import RESULTS as RESULTS, Solution as Solution
+from ._runlock import RunLock as RunLock, RunLockedError as RunLockedError
 from ._version import __version__ as __version__
 
 # 1. closed-form theory of k coupled OU processes, and coupling schedules

@@ -41,6 +41,35 @@ def digests(tree) -> dict[str, str]:
     return out
 
 
+def _is_abandoned_read(unraisable) -> bool:
+    """The report of a TensorStore read that completes after orbax closed the event loop of a failed restore."""
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+        return False
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name == "_check_closed"
+
+
+def _quiet_abandoned_reads() -> None:
+    """Once a read of a damaged checkpoint has failed, the reads it left in flight report "Event loop is closed"
+    through `sys.unraisablehook`, later and from TensorStore's threads: a raw traceback after the clear error.
+    Chain a filter for exactly that report in front of the hook (installed once, on the first failure)."""
+    import sys
+
+    if getattr(sys.unraisablehook, "_coupled_diffusion", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _is_abandoned_read(unraisable):
+            previous(unraisable)
+
+    hook._coupled_diffusion = True
+    sys.unraisablehook = hook
+
+
 class Checkpoints:
     """The checkpoints in `directory`: `save(step, tree, doc)`, `latest()`, `restore_doc(step)`,
     `restore_tree(step, like)`, `restore(step, like)` (verified) and `restore_newest(like)`
@@ -95,6 +124,7 @@ class Checkpoints:
         try:
             return read()
         except Exception as e:  # a damaged folder raises whatever orbax, TensorStore or json meet first
+            _quiet_abandoned_reads()
             raise CorruptCheckpointError(f"checkpoint {self.directory / str(step)} cannot be read "
                                          f"({type(e).__name__}: {str(e)[:300]})") from e
 

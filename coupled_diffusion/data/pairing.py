@@ -82,6 +82,10 @@ class PairedMNIST(eqx.Module):
         images, labels = np.asarray(images, np.float32), np.asarray(labels).astype(np.int32)
         if images.ndim != 3 or len(images) != len(labels):
             raise ValueError(f"need images (N, H, W) and labels (N,), got shapes {images.shape} and {labels.shape}.")
+        finite = np.isfinite(images).reshape(len(images), -1).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            raise ValueError(f"`images` hold non-finite pixels in {len(bad)} of {len(images)} images, the first at index {int(bad[0])}.")
         if classes is not None:
             classes = sorted({int(c) for c in classes})
             keep = np.isin(labels, classes)

@@ -9,6 +9,8 @@ version, the data position and the logged history.
 from __future__ import annotations
 
 import dataclasses
+import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -54,40 +56,64 @@ def _stored(state) -> dict:
     return tree | {k: nnx.to_pure_dict(state[k]) for k in ("params", "rest", "ema")}
 
 
-def save_checkpoint(ckpts: Checkpoints, step: int, state, config: TrainConfig, history: list[dict], steps_per_epoch: int) -> None:
-    """Save the training `state` at `step` with the configuration, the library version, the data position and the history."""
+def save_checkpoint(ckpts: Checkpoints, step: int, state, config: TrainConfig, history: list[dict], steps_per_epoch: int,
+                    data_changes: list[dict] = ()) -> None:
+    """Save the training `state` at `step` with the configuration, the library version, the data position, the history
+    and the data files the run switched between (`data_changes`, see [`train`][]'s `allow_data_change`)."""
     position = dict(epoch=step // steps_per_epoch, batch_in_epoch=step % steps_per_epoch, steps_per_epoch=steps_per_epoch)
-    meta = dict(config=config.to_json(), version=__version__, step=step, data_position=position, history=history)
+    meta = dict(config=config.to_json(), version=__version__, step=step, data_position=position, history=history,
+                data_changes=list(data_changes))
     ckpts.save(step, _stored(state), meta)
 
 
-def restore_checkpoint(ckpts: Checkpoints, state, config: TrainConfig, out: Path):
-    """`(step, state, history)` of the newest intact checkpoint, into the structure of `state`; `None` if there is none.
+def _config_diff(saved: TrainConfig, given: TrainConfig) -> dict:
+    g = given.to_json()
+    return {k: (v, g[k]) for k, v in saved.to_json().items() if g[k] != v}
+
+
+def restore_checkpoint(ckpts: Checkpoints, state, config: TrainConfig, out: Path, *, allow_data_change: bool = False,
+                       steps_per_epoch: int | None = None):
+    """`(step, state, history, data_changes)` of the newest intact checkpoint, into the structure of `state`; `None` if
+    there is none.
 
     Each array is checked against the digest saved with it; a damaged checkpoint is set aside
     (renamed `<step>.damaged`) with a warning and the one before it is used. Raises when a
-    checkpoint was written with another configuration, naming the fields that differ.
+    checkpoint was written with another configuration, naming the fields that differ; with
+    `allow_data_change`, a different `data_path` alone is accepted and appended to `data_changes`,
+    provided the new data give the same `steps_per_epoch` (the data order continues as it was).
     """
 
     def same_config(meta: dict) -> None:
-        saved = TrainConfig.from_json(meta["config"])
-        if saved != config:
-            given = config.to_json()
-            diff = {k: (v, given[k]) for k, v in saved.to_json().items() if given[k] != v}
+        diff = _config_diff(TrainConfig.from_json(meta["config"]), config)
+        if allow_data_change:
+            diff.pop("data_path", None)
+        if diff:
+            hint = " (a changed `data_path` alone is accepted with `allow_data_change=True`, `--allow-data-change`)" \
+                if "data_path" in diff else ""
             raise ValueError(f"{out} holds a run with a different configuration (saved vs given: {diff}). "
-                             "Use another `out_dir`, or pass `resume=False` to start over there.")
+                             f"Use another `out_dir`, or pass `resume=False` (`--no-resume`) to start over there{hint}.")
 
     found = ckpts.restore_newest(_stored(state), check_doc=same_config, set_aside=True)
     if found is None:
         return None
     step, got, meta = found
+    changes = list(meta.get("data_changes", []))
+    old_path = TrainConfig.from_json(meta["config"]).data.data_path
+    if old_path != config.data.data_path:
+        saved_spe = meta.get("data_position", {}).get("steps_per_epoch")
+        if steps_per_epoch is not None and saved_spe is not None and saved_spe != steps_per_epoch:
+            raise ValueError(f"{out}: the data at {config.data.data_path!r} give {steps_per_epoch} steps per epoch, the run's "
+                             f"{saved_spe}; a changed `data_path` must hold a data set of the same size to resume.")
+        changes.append(dict(step=step, old=old_path, new=config.data.data_path, time=time.time()))
+        warnings.warn(f"resuming {out} at step {step} with data_path {config.data.data_path!r} instead of {old_path!r} "
+                      "(allow_data_change; recorded in the checkpoints' data_changes).", UserWarning, stacklevel=3)
     new = dict(state)
     for k in ("params", "rest", "ema"):
         s = state[k]
         nnx.replace_by_pure_dict(s, got[k])
         new[k] = s
     new["opt"], new["step"], new["bad_step"] = got["opt"], got["step"], jnp.int32(-1)
-    return step, new, list(meta.get("history", []))
+    return step, new, list(meta.get("history", [])), changes
 
 
 def _abstract_state(config: TrainConfig):

@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ..data.pairing import PairedMNIST
 from ..models.sharding import data_mesh
 from .build import build_data, build_model, build_optimizer, learning_rate
+from .._runlock import RunLock
 from .checkpoint import TrainResult, load_run, restore_checkpoint, result_from_state, run_checkpoints, save_checkpoint
 from .config import TrainConfig
 from .step import compiled_step, initial_state
@@ -41,6 +42,18 @@ def _trim_metrics(path: Path, last_step: int) -> None:
     if path.exists():
         lines = [x for x in path.read_text().splitlines() if x and json.loads(x)["step"] <= last_step]
         path.write_text("".join(x + "\n" for x in lines))
+
+
+def _check_finite_data(data: PairedMNIST) -> None:
+    """Non-finite pixels in the pairs would surface as a non-finite loss many steps later, blamed on the optimiser."""
+    for name, arr in (("images", data.x), ("transformed images", data.tx)):
+        bad = ~np.isfinite(np.asarray(arr)).reshape(len(arr), -1).all(axis=1)
+        if bad.any():
+            idx = np.flatnonzero(bad)
+            raise ValueError(f"the training data hold non-finite {name}: {len(idx)} of {len(arr)}, the first at data index "
+                             f"{int(idx[0])}{' (' + ', '.join(map(str, idx[1:5])) + ' ...)' if len(idx) > 1 else ''}. "
+                             "Repair or drop them; a run that stopped on them can resume with the repaired file "
+                             "(`allow_data_change=True`, `--allow-data-change`).")
 
 
 class _EpochIndices:
@@ -63,7 +76,7 @@ class _EpochIndices:
 
 def train(config: TrainConfig = TrainConfig(), out_dir: str | Path | None = None, *, data: PairedMNIST | None = None,
           resume: bool = True, progress: bool = True, mesh=None, stop_at: int | None = None,
-          callback: Callable[[int, dict], Any] | None = None) -> TrainResult:
+          callback: Callable[[int, dict], Any] | None = None, allow_data_change: bool = False) -> TrainResult:
     """Train (or resume) a run; see the module docstring.
 
     **Arguments:**
@@ -79,12 +92,30 @@ def train(config: TrainConfig = TrainConfig(), out_dir: str | Path | None = None
     - `stop_at`: stop (after checkpointing) when this step is reached, before `config.steps`;
         what a killed run looks like, for tests.
     - `callback`: called as `callback(step, record)` at every log point.
+    - `allow_data_change`: resume even though `config.data.data_path` differs from the run's
+        (e.g. a repaired data file; every other field must still match). The change is
+        recorded in the checkpoints' `data_changes` (step, old and new path).
+
+    While it runs, the run holds an exclusive lock on `out_dir` ([`RunLock`][]): a second
+    writer stops at once with `RunLockedError` naming the holder.
 
     **Returns:** the [`TrainResult`][].
     """
     config.validate()
     out = Path(out_dir) if out_dir is not None else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise FileExistsError(f"`out_dir` {out} is an existing file, not a directory.")
+    lock = RunLock(out, "training run").acquire() if out is not None else None  # one writer per run directory
+    try:
+        return _train(config, out, data, resume, progress, mesh, stop_at, callback, allow_data_change)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config, out, data, resume, progress, mesh, stop_at, callback, allow_data_change):
     data = build_data(config.data) if data is None else data
+    _check_finite_data(data)
     B = config.batch_size
     steps_per_epoch = len(data) // B
     if steps_per_epoch == 0:
@@ -100,13 +131,14 @@ def train(config: TrainConfig = TrainConfig(), out_dir: str | Path | None = None
 
     ckpts = None
     history: list[dict] = []
+    data_changes: list[dict] = []
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         ckpts = run_checkpoints(out, config.keep)
-        found = restore_checkpoint(ckpts, state, config, out) if resume else None
+        found = restore_checkpoint(ckpts, state, config, out, allow_data_change=allow_data_change,
+                                   steps_per_epoch=steps_per_epoch) if resume else None
         resumed_at = 0
         if found is not None:
-            resumed_at, state, history = found
+            resumed_at, state, history, data_changes = found
         _trim_metrics(out / "metrics.jsonl", resumed_at)
         (out / "config.json").write_text(json.dumps(config.to_json(), indent=1))
     leaves, treedef = jax.tree.flatten(state)
@@ -140,8 +172,9 @@ def train(config: TrainConfig = TrainConfig(), out_dir: str | Path | None = None
             if bad >= 0:
                 kept = ckpts.latest() if ckpts is not None else None
                 raise FloatingPointError(
-                    f"non-finite loss or gradient at step {bad} (learning rate {config.lr}); the parameters were not "
-                    f"updated from that step on"
+                    f"non-finite loss or gradient at step {bad + 1} (counted from 1, as in the logs and checkpoints; "
+                    f"learning rate {float(lr(bad + 1)):.3g}) although the data are finite (checked at the start); the "
+                    f"parameters were not updated from that step on"
                     + (f", and the last good checkpoint (step {kept}) is kept in {out}/checkpoints." if kept is not None else ".")
                     + " Lower `lr`, raise `warmup_steps` or tighten `grad_clip`.")
             now = time.perf_counter()
@@ -159,7 +192,7 @@ def train(config: TrainConfig = TrainConfig(), out_dir: str | Path | None = None
             if callback is not None:
                 callback(done, rec)
             if checkpoint_now:
-                save_checkpoint(ckpts, done, state, config, history, steps_per_epoch)
+                save_checkpoint(ckpts, done, state, config, history, steps_per_epoch, data_changes)
     finally:
         if bar is not None:
             bar.close()

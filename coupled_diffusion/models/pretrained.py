@@ -129,13 +129,22 @@ def _read_diffusers(path: str | os.PathLike, variant: str | None, subfolder: str
     from safetensors.numpy import load_file
 
     config_file, files = _diffusers_files(os.fspath(path), variant, subfolder)
-    with open(config_file) as f:
-        config = json.load(f)
+    try:
+        with open(config_file) as f:
+            config = json.load(f)
+    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{config_file!r} is not valid JSON ({e}); the model folder is damaged or incomplete.") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file!r} holds a JSON {type(config).__name__}, not the model's configuration object.")
     tensors = {}
     for file in files:
         if not os.path.exists(file):
             raise FileNotFoundError(f"Weight shard {file!r}, listed in the index, is missing.")
-        tensors.update(load_file(file))
+        try:
+            tensors.update(load_file(file))
+        except Exception as e:  # safetensors raises its own SafetensorError (a truncated or damaged file)
+            raise ValueError(f"{file!r} could not be read as safetensors ({type(e).__name__}: {e}); "
+                             "the file is damaged or incomplete.") from e
     return config, tensors
 
 
@@ -153,8 +162,11 @@ def _diffusers_files(path: str, variant: str | None, subfolder: str) -> tuple[st
     if os.path.exists(single):
         return config, [single]
     if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError, TypeError) as e:
+            raise ValueError(f"{index!r} is not a safetensors index (JSON with a 'weight_map'): {type(e).__name__}: {e}") from e
         return config, [os.path.join(path, s) for s in shards]
     bins = [f for f in os.listdir(path) if f.endswith(".bin")]
     hint = (f" Found {bins}: PyTorch .bin weights need torch; re-save them with `save_pretrained(..., "

@@ -179,6 +179,9 @@ def collapse_time(
     target = int(target) % ou.k
     dtype = jnp.result_type(ou.sigma_w2, data.gram, float)
     alpha = as_float(alpha, "alpha").astype(dtype)
+    a = concrete(alpha)
+    if a is not None and not np.all(np.isfinite(a)):
+        raise ValueError(f"`alpha` must be finite (alpha = log(n) / D > 0, see `alpha_from_n`), got {a.tolist()}.")
     t_min = as_float(t_min, "t_min").astype(dtype)
     t_max = as_float(t_max, "t_max").astype(dtype)
     lo, hi = concrete(t_min), concrete(t_max)
