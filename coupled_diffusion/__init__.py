@@ -104,6 +104,7 @@ from .diffusion.config import (
     RunConfig as RunConfig,
     TrainConfig as TrainConfig,
 )
+from .diffusion.exact import EmpiricalEps as EmpiricalEps
 from .diffusion.noise import (
     ModeNoise as ModeNoise,
     VPSchedule as VPSchedule,
@@ -118,6 +119,16 @@ from .diffusion.samplers import (
     ddim_step as ddim_step,
     ddpm_step as ddpm_step,
     sample as sample,
+)
+from .diffusion.sync import (
+    Crossing as Crossing,
+    agreement as agreement,
+    cosine_to_final as cosine_to_final,
+    crossing_time as crossing_time,
+    excess_agreement as excess_agreement,
+    ghosting_index as ghosting_index,
+    speciation_crossing as speciation_crossing,
+    sync_gaps as sync_gaps,
 )
 from .diffusion.train import train as train
 
@@ -141,4 +152,15 @@ from .experiments.mnist import (
     fit_pair_classifier as fit_pair_classifier,
     pair_quality as pair_quality,
     sample_grid as sample_grid,
+)
+from .experiments.mnist_sync import (
+    ModeClassifier as ModeClassifier,
+    classify_modes as classify_modes,
+    fit_mode_classifiers as fit_mode_classifiers,
+    intervention_curve as intervention_curve,
+    intervention_effect as intervention_effect,
+    mode_images as mode_images,
+    protocol1 as protocol1,
+    protocol2 as protocol2,
+    run_eps as run_eps,
 )

@@ -288,3 +288,9 @@ def test_jit_errors_carry_the_librarys_message():
     codes = jax.jit(jax.vmap(lambda g: solve(g, False).result))(jnp.array([0.3, 1.5]))
     assert np.asarray(codes == cd.RESULTS.successful).tolist() == [True, False]
     assert np.asarray(codes == cd.RESULTS.unstable).tolist() == [False, True]
+
+
+def test_collapse_time_names_a_non_finite_alpha():
+    ou, data = cd.CoupledOU.symmetric(1.0, 0.3, 2.0), cd.TwoClassMixture.from_angle(1.0, 1.0, 0.5)
+    with pytest.raises(ValueError, match=r"`alpha` must be finite"):  # was: "Invalid parameters: a value is non-finite, ..."
+        cd.collapse_time(ou, data, alpha=float("nan"))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -279,3 +280,17 @@ def test_dit_forward_mode_ad_through_the_dot_bias_path(monkeypatch):
     scale = float(jnp.abs(outs[1][1]).max())
     assert scale > 0.1
     np.testing.assert_allclose(outs[0][1], outs[1][1], atol=1e-5 * scale)
+
+
+def test_damaged_model_files_are_named(peer, tmp_path):
+    _, path = peer
+    shutil.copytree(path, tmp_path / "m")
+    config = tmp_path / "m" / "config.json"
+    config.write_text(config.read_text()[:40])  # truncated JSON: json's own error named no file
+    with pytest.raises(ValueError, match=r"config\.json' is not valid JSON .*damaged or incomplete"):
+        load_dit_diffusers(tmp_path / "m")
+    shutil.copy(path / "config.json", config)
+    weights = tmp_path / "m" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # safetensors' error named no file
+    with pytest.raises(ValueError, match=r"diffusion_pytorch_model\.safetensors' could not be read as safetensors"):
+        load_dit_diffusers(tmp_path / "m")

@@ -141,11 +141,13 @@ def timesteps(T: int, num_steps: int | None = None) -> np.ndarray:
 class Intervention(eqx.Module):
     """Noise injected into one mode just before the step at timestep `t` (eq 101): `m <- m + sigma xi`.
 
-    `mode` indexes the `ModeNoise` modes (for `ModeNoise.paired`: 0 = u, 1 = v).
+    `mode` indexes the `ModeNoise` modes (for `ModeNoise.paired`: 0 = u, 1 = v). `t` and `sigma`
+    may be JAX arrays: then one compiled sampler serves every value (a scan over `t_int`), and
+    a `t` off the sampler's grid is an Equinox runtime error instead of a `ValueError`.
     """
 
-    t: int = eqx.field(static=True)
-    sigma: float = eqx.field(static=True)
+    t: Any
+    sigma: Any
     mode: int = eqx.field(static=True, default=1)
 
 
@@ -212,12 +214,15 @@ def sample(eps_fn, schedule: VPSchedule, noise: ModeNoise, key, z_start: Float[A
     if z_start.ndim < 2 or z_start.shape[-1] != noise.k:
         raise ValueError(f"`z_start` must be (B, ..., k) with k = {noise.k} channels, got shape {z_start.shape}.")
     _check_eta(eta)
-    if intervention is not None and not (0 <= intervention.mode < noise.k and intervention.sigma >= 0):
-        raise ValueError(f"`intervention` needs 0 <= mode < {noise.k} and sigma >= 0, got mode {intervention.mode}, "
-                         f"sigma {intervention.sigma}.")
+    if intervention is not None:
+        sig = concrete(intervention.sigma)
+        if not (0 <= intervention.mode < noise.k) or (sig is not None and not (sig.ndim == 0 and sig >= 0)):
+            raise ValueError(f"`intervention` needs 0 <= mode < {noise.k} and a scalar sigma >= 0, got mode "
+                             f"{intervention.mode}, sigma {intervention.sigma}.")
     ts = timesteps(schedule.T, num_steps)
     grid = {int(t): i for i, t in enumerate(ts)}
-    for name, tt in [("log_at", t) for t in log_at] + ([("intervention.t", intervention.t)] if intervention else []):
+    given_t = [] if intervention is None or concrete(intervention.t) is None else [("intervention.t", intervention.t)]
+    for name, tt in [("log_at", t) for t in log_at] + given_t:
         if int(tt) not in grid:
             raise ValueError(f"`{name}` timestep {tt} is not on the sampler's grid (T = {schedule.T}, "
                              f"num_steps = {len(ts)}: {ts[:4].tolist()} ... {ts[-2:].tolist()}).")
@@ -233,6 +238,9 @@ def sample(eps_fn, schedule: VPSchedule, noise: ModeNoise, key, z_start: Float[A
         st = jnp.asarray(start_t, jnp.int32)
         start_idx = jnp.argmax(jnp.asarray(ts) == st).astype(jnp.int32)
         start_idx = eqx.error_if(start_idx, jnp.all(jnp.asarray(ts) != st), "`start_t` is not on the sampler's grid.")
+    if intervention is not None and not given_t:  # traced t: the same check, at run time
+        on_grid = jnp.any(jnp.asarray(ts) == intervention.t)
+        z_start = eqx.error_if(z_start, ~on_grid, "`intervention.t` is not on the sampler's grid.")
     bufs = (jnp.zeros((L,) + z_start.shape, z_start.dtype), jnp.zeros((L,) + z_start.shape, z_start.dtype))
     step_key, int_key = jax.random.split(key)
 

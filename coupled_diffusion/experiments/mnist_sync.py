@@ -1,0 +1,286 @@
+r"""The MNIST synchronization experiments of Section 5 on a trained two-channel model.
+
+Protocol I (Section 5.1), deterministic diagnostics: [`protocol1`][] runs DDIM ($\eta = 0$) from
+mode-shaped noise, logs $\hat z_0$ (eq 97) at every reverse step, and measures the
+cosine-to-final curves of u and v (eq 98), their crossing times and the synchronization gap
+(eq 99-100), and the ghosting index (eq 107-108); [`intervention_effect`][] injects noise into
+v alone at $t_{int}$ (eq 101) and measures how much of it survives to the output, and
+[`intervention_curve`][] does so over a range of $t_{int}$ with one compiled sampler.
+
+Protocol II (Section 5.2), cloning: [`fit_mode_classifiers`][] trains $C_u$ and $C_v$ on the
+mode images of eq (103), and [`protocol2`][] measures the clone agreement $\phi_m(t)$ (eq 104),
+its excess over independent samples (eq 105) with Wilson intervals, and $t^{spec}_m$ (eq 106).
+
+The model enters as `eps_fn(z, t)` (e.g. `NNXEps(result.ema_model)`) with the `VPSchedule` and
+`ModeNoise` it was trained with; [`run_eps`][] builds the three from a training run.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from ..diffusion.build import build_noise
+from ..diffusion.noise import ModeNoise, VPSchedule
+from ..diffusion.samplers import Intervention, NNXEps, sample, timesteps
+from ..diffusion.sync import (
+    check_level,
+    cosine_to_final,
+    excess_agreement,
+    ghosting_index,
+    rms_change,
+    speciation_crossing,
+    sync_gaps,
+    wilson,
+)
+
+TAUS = (0.90, 0.95, 0.98)  # the paper's thresholds (Table 1)
+
+
+def run_eps(result, *, ema: bool = True):
+    """`(eps_fn, schedule, noise)` of a training run (`TrainResult` or `load_run`); the EMA weights by default."""
+    schedule, noise = build_noise(result.config.noise)
+    return NNXEps(result.ema_model if ema else result.model), schedule, noise
+
+
+def _start(noise: ModeNoise, n: int, seed: int):
+    if not (isinstance(n, int | np.integer) and n >= 1):
+        raise ValueError(f"`n` (the evaluation batch) must be a positive integer, got {n!r}.")
+    key_start, key_run = jax.random.split(jax.random.key(seed))
+    return noise.sample(key_start, (int(n), 28, 28, noise.k)), key_run
+
+
+def protocol1(eps_fn, schedule: VPSchedule, noise: ModeNoise, *, n: int = 16, num_steps: int | None = None, seed: int = 0,
+              taus=TAUS) -> dict:
+    r"""Protocol I on one model: DDIM from `n` draws of the mode-shaped noise, every step logged.
+
+    **Returns:** a dict of NumPy arrays and [`Crossing`][]s:
+
+    - `t`: the logged timesteps, decreasing (the reverse order); `cos_u`, `cos_v`: eq (98) at each;
+    - `gaps`: `{tau: {"gap", "t_u", "t_v"}}` (eq 99-100; the gap is NaN unless both modes cross);
+    - `c_u`, `c_a`, `c_b`, `ghosting`: eq (107-108), batch means;
+    - `trajectory`: $\hat z_0$ of the first sample at every logged step, `(L, 28, 28, 2)`, for Figure 8;
+    - `final`: the `n` final samples `(n, 28, 28, 2)`.
+    """
+    if noise.k != 2:
+        raise ValueError(f"Protocol I needs the paired two-channel noise (k = 2), got k = {noise.k}.")
+    z_start, key = _start(noise, n, seed)
+    ts = timesteps(schedule.T, num_steps)
+    out = sample(eps_fn, schedule, noise, key, z_start, method="ddim", eta=0.0, num_steps=len(ts), log_at=tuple(int(t) for t in ts))
+    x0 = np.asarray(out.x0_log, np.float64)  # (L, B, H, W, 2), logged in reverse order (decreasing t)
+    modes = np.asarray(noise.to_modes(jnp.asarray(x0)), np.float64)
+    t = np.asarray(out.log_t)
+    cos_u, cos_v = cosine_to_final(modes[..., 0]), cosine_to_final(modes[..., 1])
+    c_a, c_b = cosine_to_final(x0[..., 0]), cosine_to_final(x0[..., 1])
+    return {"t": t, "cos_u": cos_u, "cos_v": cos_v, "gaps": sync_gaps(t, cos_u, cos_v, taus),
+            "c_u": cos_u, "c_a": c_a, "c_b": c_b, "ghosting": ghosting_index(cos_u, c_a, c_b),
+            "trajectory": x0[:, 0].astype(np.float32), "final": np.asarray(out.z0)}
+
+
+def _final_modes(eps_fn, schedule, noise, key, z_start, num_steps, intervention=None):
+    z0 = sample(eps_fn, schedule, noise, key, z_start, method="ddim", eta=0.0, num_steps=num_steps, intervention=intervention).z0
+    return np.asarray(noise.to_modes(z0), np.float64)
+
+
+def intervention_effect(eps_fn, schedule: VPSchedule, noise: ModeNoise, *, t_int: int, sigma: float = 0.25, n: int = 16,
+                        num_steps: int | None = None, seed: int = 0, mode: int = 1) -> dict:
+    r"""The intervention of eq (101): noise of scale `sigma` added to one mode (`mode = 1`: v) at `t_int`,
+    then deterministic DDIM on, from the same initial noise as an unperturbed run.
+
+    **Returns:** `{"rms_u", "rms_v"}`, the RMS change of the final u and v images (mode coordinates,
+    eq 91), and `{"t_int", "sigma"}`. The paper: $t_{int} = 260$ of $T = 500$, $\sigma = 0.25$ (Figure 9).
+    """
+    return intervention_curve(eps_fn, schedule, noise, t_ints=[t_int], sigma=sigma, n=n, num_steps=num_steps, seed=seed,
+                              mode=mode)[0]
+
+
+def intervention_curve(eps_fn, schedule: VPSchedule, noise: ModeNoise, *, t_ints, sigma: float = 0.25, n: int = 16,
+                       num_steps: int | None = None, seed: int = 0, mode: int = 1, progress=None) -> list[dict]:
+    r"""[`intervention_effect`][] at each of `t_ints` (timesteps on the sampler's grid), one compiled sampler for all.
+
+    The window where u is already stable and v is not shows as the range of $t_{int}$ where
+    the v perturbation survives (large RMS $\Delta v$) while u is barely moved.
+    `progress(i, total)` is called after each.
+    """
+    ts = timesteps(schedule.T, num_steps)
+    raw = np.atleast_1d(np.asarray(t_ints, np.float64))
+    t_ints = [int(t) for t in raw]
+    off = [float(r) for r, t in zip(raw, t_ints) if r != t or t not in set(ts.tolist())]
+    if not t_ints or off:
+        raise ValueError(f"`t_ints` must be a non-empty list of timesteps on the sampler's grid ({ts[:3].tolist()} ... "
+                         f"{ts[-2:].tolist()}), got {off or t_ints}.")
+    if not (float(sigma) >= 0):
+        raise ValueError(f"`sigma` must be >= 0, got {sigma!r}.")
+    z_start, key = _start(noise, n, seed)
+    base = _final_modes(eps_fn, schedule, noise, key, z_start, len(ts))
+    out = []
+    for i, t in enumerate(t_ints):
+        hit = Intervention(jnp.int32(t), jnp.float32(sigma), mode)  # traced t and sigma: compiled once
+        m = _final_modes(eps_fn, schedule, noise, key, z_start, len(ts), hit)
+        out.append({"t_int": t, "sigma": float(sigma), "rms_u": rms_change(m[..., 0], base[..., 0]),
+                    "rms_v": rms_change(m[..., 1], base[..., 1])})
+        if progress is not None:
+            progress(i + 1, len(t_ints))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ Protocol II
+
+
+def mode_images(z):
+    r"""The swap-invariant images of eq (103) from pairs `z` `(..., 28, 28, 2)` in the model's [-1, 1] units:
+    $u_{img} = (x_A + x_B)/2$ and $v_{img} = (x_A - x_B)/\sqrt2$ with pixels mapped to [0, 1] first."""
+    x = (jnp.asarray(z) + 1) / 2
+    return (x[..., 0] + x[..., 1]) / 2, (x[..., 0] - x[..., 1]) / np.sqrt(2)
+
+
+class ModeClassifier(nnx.Module):
+    """A small CNN from a `(B, 28, 28)` mode image to class logits; `symmetric=True` uses the
+    sign-symmetrised logits `(f(v) + f(-v)) / 2` (the paper's C_v, eq 103), which cannot tell v from -v."""
+
+    def __init__(self, n_classes: int = 2, *, symmetric: bool = False, width: int = 16, rngs: nnx.Rngs):
+        self.c1 = nnx.Conv(1, width, (3, 3), strides=2, rngs=rngs)
+        self.c2 = nnx.Conv(width, 2 * width, (3, 3), strides=2, rngs=rngs)
+        self.l1 = nnx.Linear(7 * 7 * 2 * width, 64, rngs=rngs)
+        self.out = nnx.Linear(64, n_classes, rngs=rngs)
+        self.symmetric = symmetric
+
+    def _logits(self, x):
+        h = jax.nn.relu(self.c2(jax.nn.relu(self.c1(x[..., None]))))
+        return self.out(jax.nn.relu(self.l1(h.reshape(h.shape[0], -1))))
+
+    def __call__(self, x):
+        return (self._logits(x) + self._logits(-x)) / 2 if self.symmetric else self._logits(x)
+
+
+def _class_index(data, classes):
+    labels = np.asarray(data.labels)
+    if classes is None:
+        classes = tuple(sorted(set(labels.tolist())))
+    classes = tuple(int(c) for c in classes)
+    if len(classes) < 2 or not set(labels.tolist()) <= set(classes):
+        raise ValueError(f"`classes` must list every label of the data ({sorted(set(labels.tolist()))}), at least two, "
+                         f"got {classes}.")
+    return jnp.asarray(np.searchsorted(np.asarray(classes), labels), jnp.int32), classes
+
+
+def fit_mode_classifiers(train, test, *, classes=None, steps: int = 600, batch_size: int = 128, lr: float = 2e-3,
+                         seed: int = 0) -> dict:
+    r"""Train $C_u$ on $u_{img}$ and $C_v$ (sign-symmetrised) on $v_{img}$ (eq 103) of MAIN pairs, with Adam.
+
+    `train`, `test`: `PairedMNIST` MAIN data of the chosen classes (e.g. digits 0 and 1, Section
+    5.2), in [-1, 1] (`symmetric=True`). **Returns:** `{"c_u", "c_v", "classes", "test_accuracy_u",
+    "test_accuracy_v"}`, the accuracies on every pair of `test` (each swapped at random, as in training).
+    """
+    for name, d in (("train", train), ("test", test)):
+        if d.pairing != "main" or not d.symmetric:
+            raise ValueError(f"`{name}` must be MAIN pairs in [-1, 1] (pairing='main', symmetric=True).")
+    if not (isinstance(steps, int) and steps >= 1 and isinstance(batch_size, int) and 2 <= batch_size <= len(train)):
+        raise ValueError(f"need `steps` >= 1 and 2 <= `batch_size` <= {len(train)}, got {steps!r} and {batch_size!r}.")
+    y_train, classes = _class_index(train, classes)
+    y_test, _ = _class_index(test, classes)
+    models = {"c_u": ModeClassifier(len(classes), rngs=nnx.Rngs(seed)),
+              "c_v": ModeClassifier(len(classes), symmetric=True, rngs=nnx.Rngs(seed + 1))}
+    tx = optax.adam(optax.cosine_decay_schedule(lr, steps))
+    out = {"classes": classes}
+    for which, (name, model) in enumerate(models.items()):
+        graphdef, params = nnx.split(model)
+
+        def step(i, carry, graphdef=graphdef, which=which):
+            params, opt = carry
+            key = jax.random.fold_in(jax.random.key(seed + 10 + which), i)
+            ka, ks = jax.random.split(key)
+            a = jax.random.randint(ka, (batch_size,), 0, len(train))
+            img = mode_images(train.batch(a, a, ks))[which]
+            grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+                nnx.merge(graphdef, p)(img), y_train[a]).mean())(params)
+            updates, opt = tx.update(grads, opt, params)
+            return optax.apply_updates(params, updates), opt
+
+        params, _ = jax.jit(lambda p, o, step=step: jax.lax.fori_loop(0, steps, step, (p, o)))(params, tx.init(params))
+        model = nnx.merge(graphdef, params)
+        idx = jnp.arange(len(test))
+        pred = _predict(model, mode_images(test.batch(idx, idx, jax.random.key(seed + 99)))[which])
+        out[name], out[f"test_accuracy_{name[-1]}"] = model, float(np.mean(pred == np.asarray(y_test)))
+    return out
+
+
+def _predict(model, img, chunk: int = 4096) -> np.ndarray:
+    graphdef, params = nnx.split(model)
+    f = jax.jit(lambda p, x: jnp.argmax(nnx.merge(graphdef, p)(x), -1))
+    return np.concatenate([np.asarray(f(params, img[i:i + chunk])) for i in range(0, img.shape[0], chunk)])
+
+
+def classify_modes(classifiers: dict, z) -> tuple[np.ndarray, np.ndarray]:
+    """`(y_u, y_v)`: the class indices that `C_u` and `C_v` give the pairs `z` `(B, 28, 28, 2)` in [-1, 1]."""
+    u, v = mode_images(z)
+    return _predict(classifiers["c_u"], u), _predict(classifiers["c_v"], v)
+
+
+def protocol2(eps_fn, schedule: VPSchedule, noise: ModeNoise, classifiers: dict, *, scan_t, n: int = 128, repeats: int = 1,
+              num_steps: int | None = None, seed: int = 0, phi_star: float = 0.55, progress=None) -> dict:
+    r"""Protocol II (Section 5.2): cloning agreement of u and v against the reverse time, and $t^{spec}_{u,v}$.
+
+    For each of `repeats` master DDPM trajectories (batch `n`, eq 102's rescaled steps), the states at
+    the scan times `scan_t` (timesteps on the sampler's grid) are cached, and from each two clones run
+    to $t = 0$ with independent noise; $C_u$ and $C_v$ (from [`fit_mode_classifiers`][]) label both.
+    $\phi_m(t)$ (eq 104) pools the agreeing pairs over repeats and batch, with 95% Wilson intervals;
+    $\phi^{indep}_m$ comes from as many pairs of independent samples; $\phi^{ex}_m$ (eq 105) maps
+    $\phi$ and its bounds; $t^{spec}_m(\phi^\star)$ (eq 106) interpolates between scan times.
+    `progress(i, total)` is called after each master trajectory.
+
+    **Returns:** `{"t", "phi_u", "phi_v", "phi_indep_u", "phi_indep_v", "ex_u", "ex_v", "t_spec_u", "t_spec_v",
+    "gap", "n_pairs"}`: `phi_*` and `ex_*` are dicts of arrays `value`, `lower`, `upper` over `t`
+    (increasing); `t_spec_*` are [`Crossing`][]s and `gap` = $t^{spec}_v - t^{spec}_u$ (NaN unless both crossed).
+    """
+    ts = timesteps(schedule.T, num_steps)
+    raw = np.atleast_1d(np.asarray(scan_t, np.float64))
+    scan = sorted({int(t) for t in raw})
+    off = [float(r) for r in raw if r != int(r) or int(r) not in set(ts.tolist())]
+    if not scan or off:
+        raise ValueError(f"`scan_t` must be a non-empty set of timesteps on the sampler's grid ({ts[:3].tolist()} ... "
+                         f"{ts[-2:].tolist()}), got {off or scan_t!r}.")
+    if not (isinstance(repeats, int | np.integer) and repeats >= 1):
+        raise ValueError(f"`repeats` must be a positive integer, got {repeats!r}.")
+    check_level(phi_star, "phi_star")
+    run = dict(method="ddpm", num_steps=len(ts))
+    agree = np.zeros((2, len(scan)), np.int64)
+    indep = np.zeros(2, np.int64)
+    for r in range(int(repeats)):
+        z_start, key = _start(noise, n, seed * 100_003 + r)
+        k_master, k_clone, k_indep = jax.random.split(key, 3)
+        master = sample(eps_fn, schedule, noise, k_master, z_start, log_at=tuple(scan), **run)
+        for j, t in enumerate(scan):
+            labels = []
+            for c in range(2):  # two clones from the cached state, independent reverse noise
+                k = jax.random.fold_in(k_clone, 2 * j + c)
+                z0 = sample(eps_fn, schedule, noise, k, master.z_log[j], start_t=jnp.int32(t), **run).z0
+                labels.append(classify_modes(classifiers, z0))
+            agree[:, j] += [np.sum(labels[0][m] == labels[1][m]) for m in range(2)]
+        labels = []
+        for c in range(2):  # independent samples: fresh noise, the same compiled sampler from its first step
+            k_z, k_run = jax.random.split(jax.random.fold_in(k_indep, c))
+            z = noise.sample(k_z, z_start.shape)
+            labels.append(classify_modes(classifiers, sample(eps_fn, schedule, noise, k_run, z, start_t=jnp.int32(ts[0]), **run).z0))
+        indep += [np.sum(labels[0][m] == labels[1][m]) for m in range(2)]
+        if progress is not None:
+            progress(r + 1, int(repeats))
+    pairs = int(repeats) * int(n)
+    out = {"t": np.asarray(scan), "n_pairs": pairs}
+    for m, name in enumerate("uv"):
+        bounds = np.array([wilson(int(k), pairs) for k in agree[m]])
+        phi = {"value": agree[m] / pairs, "lower": bounds[:, 0], "upper": bounds[:, 1]}
+        lo, hi = wilson(int(indep[m]), pairs)
+        p_ind = indep[m] / pairs
+        out[f"phi_{name}"], out[f"phi_indep_{name}"] = phi, {"value": float(p_ind), "lower": lo, "upper": hi}
+        if p_ind >= 1:
+            raise ValueError(f"independent samples always agree on C_{name} (phi_indep = 1): the classifier sees one class "
+                             "only, so eq (105) is undefined; check the model's samples and the classifier.")
+        out[f"ex_{name}"] = {k: excess_agreement(v, p_ind) for k, v in phi.items()}
+        out[f"t_spec_{name}"] = speciation_crossing(out["t"], out[f"ex_{name}"]["value"], phi_star)
+    tu, tv = out["t_spec_u"], out["t_spec_v"]
+    out["gap"] = tv.time - tu.time if tu.found and tv.found else float("nan")
+    return out
