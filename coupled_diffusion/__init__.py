@@ -164,3 +164,4 @@ from .experiments.mnist_sync import (
     protocol2 as protocol2,
     run_eps as run_eps,
 )
+from .experiments.sync_sweep import SyncSweep as SyncSweep, run_sync_sweep as run_sync_sweep, summarize_sweep as summarize_sweep

@@ -331,6 +331,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="resume although --data differs from the run's (a repaired file of the same size); recorded in the checkpoints")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+    p = command("mnist-sync", "Section 5: Protocols I and II over trained models (resumable sweep): Table 1 and summary")
+    p.add_argument("--out", default="runs/mnist-sync", help="sweep directory: models/, eval/, table1.md, summary.json")
+    p.add_argument("--paper", action="store_true", help="the paper's scale (4 seeds, 20 epochs, T = 200; an accelerator)")
+    p.add_argument("--models", help="evaluate the runs in this folder (models/<job>/ or <job>/) instead of training")
+    p.add_argument("--gs", type=_list_of(float, "couplings in [0, 1)"), help="Protocol I couplings (default 0,0.3,0.5,0.7)")
+    p.add_argument("--clone-gs", dest="clone_gs", type=_list_of(float, "couplings in [0, 1)"),
+                   help="Protocol II couplings (default 0,0.3,0.6; --paper 0,0.1,...,0.6)")
+    p.add_argument("--seeds", type=_list_of(int, "integers >= 0", least=0), help="seeds (default 0; --paper 0,1,2,3)")
+    p.add_argument("--steps", type=_POS_INT, help="training steps per model")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_mnist_sync)
     return parser
 
 
@@ -341,12 +352,44 @@ def _known_errors():
     return (ValueError, OSError, RunLockedError, FloatingPointError)
 
 
+def _sweep_config(args):
+    """The `mnist-sync` sweep from the flags, validated (no JAX work)."""
+    from .experiments.sync_sweep import SyncSweep
+
+    over = {k: v for k, v in dict(gs=args.gs, seeds=args.seeds, clone_gs=args.clone_gs).items() if v is not None}
+    if args.steps is not None:
+        base = SyncSweep.paper() if args.paper else SyncSweep()
+        over["train"] = base.train.replace(steps=args.steps)
+    sweep = (SyncSweep.paper if args.paper else SyncSweep)(**over)
+    try:
+        sweep.validate()
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if args.models is not None and not pathlib.Path(args.models).is_dir():
+        raise UsageError(f"--models {args.models}: no such folder.")
+    return sweep
+
+
+def cmd_mnist_sync(args) -> int:
+    from .experiments.sync_sweep import run_sync_sweep
+
+    out = pathlib.Path(args.out)
+    start = time.perf_counter()
+    summary = run_sync_sweep(args.sweep, out, models_dir=args.models, progress=not args.quiet)
+    print((out / "table1.md").read_text(), end="")
+    state = "complete" if summary["complete"] else f"incomplete, missing {summary['missing']}"
+    print(f"wrote table1.md, table1.json, summary.json and eval/ to {out}/ in {time.perf_counter() - start:.1f} s ({state})")
+    return 0
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)  # malformed flags: argparse's usage error (exit 2)
     try:
         _check_out(args.out)  # then the values, before any JAX work
         if args.command == "train":
             args.config = _train_config(args)
+        if args.command == "mnist-sync":
+            args.sweep = _sweep_config(args)
         from ._cpu_tuning import tune_cpu
 
         tune_cpu()  # the command opts in; importing the library does not (README, "CPU tuning")

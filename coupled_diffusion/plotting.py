@@ -188,3 +188,115 @@ def plot_pair_grid(x) -> Figure:
         axes[r, 0].set_ylabel(name)
     fig.tight_layout()
     return fig
+
+
+# ------------------------------------------------------------------------ the Section 5 sweep (summary.json)
+
+
+def _pick(curves: dict, g: float, pairing: str = "main") -> dict:
+    """The curves of the job nearest to coupling `g` with this pairing (the first seed)."""
+    cands = [c for c in curves.values() if c["pairing"] == pairing]
+    if not cands:
+        raise ValueError(f"no Protocol I curves with pairing {pairing!r} in the summary.")
+    best = min(abs(c["g"] - g) for c in cands)
+    return min((c for c in cands if abs(c["g"] - g) == best), key=lambda c: c["seed"])
+
+
+def plot_sync_cosines(summary: dict, g: float = 0.3, taus=(0.90, 0.95, 0.98)) -> Figure:
+    """Figure 6: Cos_u(t) and Cos_v(t) (eq 98) against the reverse timestep, MAIN and CTRL, thresholds dotted."""
+    fig, ax = _fig()
+    for pairing, ls in (("main", "-"), ("ctrl", "--")):
+        try:
+            c = _pick(summary["protocol1"], g, pairing)
+        except ValueError:
+            continue
+        ax.plot(c["t"], c["cos_u"], ls, color="C0", label=f"u, {pairing.upper()}")
+        ax.plot(c["t"], c["cos_v"], ls, color="C3", label=f"v, {pairing.upper()}")
+    for tau in taus:
+        ax.axhline(tau, color="gray", ls=":", lw=0.8)
+    ax.invert_xaxis()
+    ax.set(xlabel="reverse timestep t", ylabel=r"Cos$_m(t)$ to the final $\hat z_0$", title=f"Protocol I, g = {c['g']:g}")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def plot_ghosting(summary: dict, g: float = 0.3, pairing: str = "main") -> Figure:
+    """Figure 7: c_u, c_A, c_B (eq 107) and the ghosting index GI = 2 c_u - c_A - c_B (eq 108)."""
+    c = _pick(summary["protocol1"], g, pairing)
+    fig, ax = _fig()
+    for key, label in (("cos_u", "$c_u$"), ("c_a", "$c_A$"), ("c_b", "$c_B$"), ("ghosting", "GI")):
+        ax.plot(c["t"], c[key], label=label, lw=2 if key == "ghosting" else 1)
+    ax.axhline(0, color="gray", lw=0.6)
+    ax.invert_xaxis()
+    ax.set(xlabel="reverse timestep t", ylabel="cosine to the final frame", title=f"Ghosting, {pairing.upper()} g = {c['g']:g}")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def plot_sync_trajectory(summary: dict, g: float = 0.3, pairing: str = "main") -> Figure:
+    """Figure 8: x_A, x_B and u = (x_A + x_B)/2 of the predicted clean state along one trajectory (noise to data)."""
+    c = _pick(summary["protocol1"], g, pairing)
+    x = (np.asarray(c["trajectory"]["x0"], np.float64) + 1) / 2
+    ts = c["trajectory"]["t"]
+    n = len(ts)
+    fig = _figure((n * 0.8, 3 * 0.9), 100)
+    axes = fig.subplots(3, n, squeeze=False)
+    rows = {"x_A": x[..., 0], "x_B": x[..., 1], "u": (x[..., 0] + x[..., 1]) / 2}
+    for r, (name, imgs) in enumerate(rows.items()):
+        for i in range(n):
+            axes[r, i].imshow(np.clip(imgs[i], 0, 1), cmap="gray", vmin=0, vmax=1)
+            axes[r, i].set_xticks([]), axes[r, i].set_yticks([])
+            if r == 0:
+                axes[r, i].set_title(f"t={ts[i]}", fontsize=7)
+        axes[r, 0].set_ylabel(name)
+    fig.tight_layout()
+    return fig
+
+
+def plot_intervention(summary: dict) -> Figure:
+    """Figure 9 as a curve: RMS change of the final u and v after noise injected into v at t_int (eq 101)."""
+    fig, ax = _fig()
+    for pairing, ls in (("main", "-o"), ("ctrl", "--s")):
+        rows = summary["intervention"].get(pairing)
+        if not rows:
+            continue
+        t = [r["t_int"] for r in rows]
+        ax.plot(t, [r["rms_u"] for r in rows], ls, ms=3, color="C0", label=rf"RMS $\Delta u$, {pairing.upper()}")
+        ax.plot(t, [r["rms_v"] for r in rows], ls, ms=3, color="C3", label=rf"RMS $\Delta v$, {pairing.upper()}")
+    ax.invert_xaxis()
+    ax.set(xlabel=r"intervention timestep $t_{int}$", ylabel="RMS change of the final image", title="Intervention in v (eq 101)")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def plot_speciation_vs_g(summary: dict) -> Figure:
+    """Figure 10: t_u^spec and t_v^spec (eq 106) against g, with the crossings of the Wilson band as intervals."""
+    fig, ax = _fig()
+    rows = sorted(summary["protocol2"], key=lambda r: (r["g"], r["seed"]))
+    for m, color, dx in (("u", "C0", -0.004), ("v", "C3", 0.004)):
+        for r in rows:
+            c, (lo, hi) = r[f"t_spec_{m}"], r[f"t_spec_{m}_band"]
+            if c["time"] is None:
+                continue
+            err = [[c["time"] - lo["time"]] if lo["time"] is not None else [0], [hi["time"] - c["time"]] if hi["time"] is not None else [0]]
+            ax.errorbar([r["g"] + dx], [c["time"]], yerr=err, fmt="o", ms=4, color=color, capsize=2)
+        ax.plot([], [], "o", color=color, label=rf"$t_{m}^{{spec}}$")
+    ax.set(xlabel="coupling g", ylabel=r"speciation timestep ($\phi^{ex} = \phi^\star$)", title="Protocol II (eq 106)")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def plot_excess_agreement(summary: dict, g: float) -> Figure:
+    """Figure 11: phi_u^ex(t) and phi_v^ex(t) (eq 105) with the mapped Wilson bands, at the coupling nearest `g`."""
+    rows = summary["protocol2"]
+    best = min(abs(r["g"] - g) for r in rows)
+    r = min((r for r in rows if abs(r["g"] - g) == best), key=lambda r: r["seed"])
+    fig, ax = _fig()
+    for m, color in (("u", "C0"), ("v", "C3")):
+        ex = r[f"ex_{m}"]
+        ax.plot(r["t"], ex["value"], "-o", ms=3, color=color, label=rf"$\phi^{{ex}}_{m}$")
+        ax.fill_between(r["t"], ex["lower"], ex["upper"], color=color, alpha=0.2)
+    ax.invert_xaxis()
+    ax.set(xlabel="reverse timestep t (clone start)", ylabel=r"$\phi^{ex}_m(t)$", title=f"Cloning agreement, g = {r['g']:g}")
+    ax.legend(fontsize=7)
+    return fig

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..sampling.cloning import wilson_interval
 
-STATUSES = ("crossed", "never_reached", "from_start")
+STATUSES = ("crossed", "never_reached", "from_start", "undefined")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +38,8 @@ class Crossing:
     - `time`: the crossing timestep (interpolated for [`speciation_crossing`][]); NaN unless `status` is "crossed".
     - `status`: "crossed"; "never_reached" (the curve stays below the threshold at every logged
         step); "from_start" (it is already at or above it at the largest logged `t`, so the crossing
-        happened at or before `bound` and is censored).
+        happened at or before `bound` and is censored); "undefined" (there is no curve to cross, e.g.
+        eq (105) when independent samples always agree).
     - `bound`: for "from_start", the largest logged `t` (a lower bound on the crossing time).
     """
 

@@ -148,17 +148,19 @@ def pair_quality(classifier: PairClassifier, z, *, threshold: float = 0.9) -> di
 
 
 def evaluate_run(result, n: int = 256, *, num_steps: int = 50, method: str = "ddpm", clip: float | None = None,
-                 seed: int = 0, classifier_steps: int = 2000) -> dict:
+                 seed: int = 0, classifier_steps: int = 2000, classifier: PairClassifier | None = None) -> dict:
     """Sample quality of a trained run: `pair_quality` of `n` samples (`draw_samples`) and of `n` real test pairs.
 
     The classifier is fitted on MAIN pairs of the run's training images (same transform and
-    classes), and the reference pairs come from the test split, so the two rows are comparable.
+    classes), or `classifier` is used (one fitted so for runs on the same data), and the
+    reference pairs come from the test split, so the two rows are comparable.
     Returns `{"samples": ..., "real": ..., "classifier_test_accuracy": ...}` (without the
     per-pair predictions).
     """
     c = result.config
-    train_pairs = build_data(dataclasses.replace(c.data, pairing="main"))
-    clf = fit_pair_classifier(train_pairs, steps=classifier_steps, seed=seed)
+    if classifier is None:
+        classifier = fit_pair_classifier(build_data(dataclasses.replace(c.data, pairing="main")), steps=classifier_steps, seed=seed)
+    clf = classifier
     x, y = load_mnist("test", c.data_path)
     test = PairedMNIST(x, y, transform=c.transform, pairing="main", classes=c.classes)
     idx = jnp.arange(min(n, len(test)))

@@ -27,6 +27,7 @@ from ..diffusion.build import build_noise
 from ..diffusion.noise import ModeNoise, VPSchedule
 from ..diffusion.samplers import Intervention, NNXEps, sample, timesteps
 from ..diffusion.sync import (
+    Crossing,
     check_level,
     cosine_to_final,
     excess_agreement,
@@ -234,7 +235,11 @@ def protocol2(eps_fn, schedule: VPSchedule, noise: ModeNoise, classifiers: dict,
 
     **Returns:** `{"t", "phi_u", "phi_v", "phi_indep_u", "phi_indep_v", "ex_u", "ex_v", "t_spec_u", "t_spec_v",
     "gap", "n_pairs"}`: `phi_*` and `ex_*` are dicts of arrays `value`, `lower`, `upper` over `t`
-    (increasing); `t_spec_*` are [`Crossing`][]s and `gap` = $t^{spec}_v - t^{spec}_u$ (NaN unless both crossed).
+    (increasing); `t_spec_*` are [`Crossing`][]s, `t_spec_*_band` the crossings of the lower and upper
+    Wilson curves (which bracket it), and `gap` = $t^{spec}_v - t^{spec}_u$ (NaN unless both crossed).
+    Where independent samples always agree on a mode ($\phi^{indep} = 1$: its classifier gives one class
+    to everything, as for an untrained model), eq (105) is undefined: `ex_*` is NaN and the crossing's
+    status "undefined".
     """
     ts = timesteps(schedule.T, num_steps)
     raw = np.atleast_1d(np.asarray(scan_t, np.float64))
@@ -276,11 +281,16 @@ def protocol2(eps_fn, schedule: VPSchedule, noise: ModeNoise, classifiers: dict,
         lo, hi = wilson(int(indep[m]), pairs)
         p_ind = indep[m] / pairs
         out[f"phi_{name}"], out[f"phi_indep_{name}"] = phi, {"value": float(p_ind), "lower": lo, "upper": hi}
-        if p_ind >= 1:
-            raise ValueError(f"independent samples always agree on C_{name} (phi_indep = 1): the classifier sees one class "
-                             "only, so eq (105) is undefined; check the model's samples and the classifier.")
-        out[f"ex_{name}"] = {k: excess_agreement(v, p_ind) for k, v in phi.items()}
-        out[f"t_spec_{name}"] = speciation_crossing(out["t"], out[f"ex_{name}"]["value"], phi_star)
+        if p_ind >= 1:  # C_m gives every sample one class: eq (105) has no curve (reported, not computed)
+            out[f"ex_{name}"] = {k: np.full(len(scan), np.nan) for k in phi}
+            out[f"t_spec_{name}"] = Crossing(float("nan"), "undefined")
+            out[f"t_spec_{name}_band"] = (out[f"t_spec_{name}"], out[f"t_spec_{name}"])
+            continue
+        ex = out[f"ex_{name}"] = {k: excess_agreement(v, p_ind) for k, v in phi.items()}
+        out[f"t_spec_{name}"] = speciation_crossing(out["t"], ex["value"], phi_star)
+        # the band's crossings bracket t_spec: the lower curve crosses earlier (smaller t), the upper later
+        out[f"t_spec_{name}_band"] = (speciation_crossing(out["t"], ex["lower"], phi_star),
+                                      speciation_crossing(out["t"], ex["upper"], phi_star))
     tu, tv = out["t_spec_u"], out["t_spec_v"]
     out["gap"] = tv.time - tu.time if tu.found and tv.found else float("nan")
     return out

@@ -1,0 +1,118 @@
+"""The `mnist-sync` sweep on tiny models: wiring, exact resume after a kill, `--models`, bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from coupled_diffusion.cli import main
+from coupled_diffusion.diffusion.config import TrainConfig
+from coupled_diffusion.experiments.sync_sweep import SyncSweep, run_sync_sweep
+
+
+def _npz(path):
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        y = np.arange(n) % 4
+        x = rng.uniform(0, 0.1, (n, 28, 28)).astype(np.float32)
+        for i in range(n):
+            r, c = 3 + 5 * (y[i] % 2), 3 + 5 * (y[i] // 2)
+            x[i, r:r + 10, c:c + 10] = rng.uniform(0.6, 1.0)
+        return x, y
+
+    (xt, yt), (xs, ys) = split(64), split(32)
+    np.savez(path, x_train=xt, y_train=yt, x_test=xs, y_test=ys)
+    return str(path)
+
+
+def _sweep(tmp_path, **kw):
+    base = TrainConfig(block_channels=(8, 8), attention=(False, True), num_groups=4, attention_head_dim=4, T=20, batch_size=8,
+                       steps=4, lr=1e-3, warmup_steps=1, log_every=2, ckpt_every=2, keep=2, transform="blur",
+                       data_path=_npz(tmp_path / "mini.npz"))
+    small = dict(gs=(0.5,), pairings=("main", "ctrl"), seeds=(0,), train=base, eval_n=2, intervention_g=0.5, intervention_points=2,
+                 clone_gs=(0.3,), clone_classes=(0, 1), scan_points=3, clone_n=4, clone_repeats=1, clone_steps=None,
+                 classifier_steps=20, quality_n=0)
+    return SyncSweep(**(small | kw))
+
+
+def _evals(out):
+    return {p.name: json.loads(p.read_text()) for p in sorted((out / "eval").glob("*.json"))}
+
+
+@pytest.mark.slow  # ~100 s: three tiny models trained twice
+def test_a_killed_sweep_resumes_without_retraining_and_gives_the_same_table(tmp_path):
+    sweep = _sweep(tmp_path)
+    full = run_sync_sweep(sweep, tmp_path / "a", progress=False)
+    assert full["complete"] and len(_evals(tmp_path / "a")) == 3
+    part = run_sync_sweep(sweep, tmp_path / "b", progress=False, stop_after=1)  # killed after one job
+    assert not part["complete"] and len(part["missing"]) == 2
+    first = next((tmp_path / "b" / "eval").glob("*.json"))
+    stamp = first.stat().st_mtime_ns
+    rest = run_sync_sweep(sweep, tmp_path / "b", progress=False)
+    assert rest["complete"] and first.stat().st_mtime_ns == stamp  # the finished job was not redone
+    assert _evals(tmp_path / "a") == _evals(tmp_path / "b")  # the same numbers as the uninterrupted sweep
+    assert (tmp_path / "a" / "table1.md").read_text() == (tmp_path / "b" / "table1.md").read_text()
+    # evaluating the models of one sweep from another folder: nothing retrained, the same evaluations
+    shutil.copytree(tmp_path / "a" / "models", tmp_path / "elsewhere")
+    again = run_sync_sweep(sweep, tmp_path / "c", models_dir=tmp_path / "elsewhere", progress=False)
+    assert again["complete"] and _evals(tmp_path / "c") == _evals(tmp_path / "a")
+    assert not (tmp_path / "c" / "models").exists()
+
+
+def test_a_minimal_sweep_writes_the_table_and_the_summary(tmp_path, capsys):
+    sweep = _sweep(tmp_path, pairings=("main",), clone_gs=(0.5,))
+    out = tmp_path / "s"
+    summary = run_sync_sweep(sweep, out, progress=False)
+    assert summary["complete"] and [r["pairing"] for r in summary["table1"]] == ["main"]
+    ev = _evals(out)
+    p1 = ev["p1_g0.5_main_s0.json"]["protocol1"]
+    assert len(p1["t"]) == 20 and set(p1["gaps"]) == {"0.9", "0.95", "0.98"}
+    assert [r["t_int"] for r in ev["p1_g0.5_main_s0.json"]["intervention"]] == sweep.intervention_times()
+    p2 = ev["p2_g0.5_main_c01_s0.json"]["protocol2"]
+    assert p2["t"] == sweep.scan_times() and p2["n_pairs"] == 4
+    for name in ("figure6", "figure7", "figure8", "figure9", "figure10", "figure11a", "figure11b"):
+        assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
+    band = summary["protocol2"][0]["t_spec_u_band"]
+    assert [c["status"] for c in band] and summary["protocol1"]["p1_g0.5_main_s0"]["trajectory"]["t"][0] == 19
+    md = (out / "table1.md").read_text()
+    assert md.startswith("| g | pairing | Delta t(0.9) | Delta t(0.95) | Delta t(0.98) |") and "| 0.5 | MAIN |" in md
+    with pytest.raises(ValueError, match="different configuration"):
+        run_sync_sweep(_sweep(tmp_path, pairings=("main",), clone_gs=(0.5,), eval_n=3), out, progress=False)
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    pytest.param(dict(gs=(1.2,)), r"`gs` must be a non-empty list of couplings g in \[0, 1\)", id="g-above-1"),
+    pytest.param(dict(gs=()), r"`gs` must be a non-empty list", id="no-g"),
+    pytest.param(dict(pairings=("shuffled",)), r"`pairings` must be a non-empty subset of \('main', 'ctrl'\)", id="pairing"),
+    pytest.param(dict(taus=(0.9, 1.0)), r"`taus` must lie in \(0, 1\)", id="tau"),
+    pytest.param(dict(phi_star=0.0), r"`phi_star` must lie in \(0, 1\)", id="phi-star"),
+    pytest.param(dict(clone_classes=(3, 3)), r"`clone_classes` must be two different digits", id="classes"),
+    pytest.param(dict(scan_points=0), r"`scan_points` must be an integer >= 1", id="scan-points"),
+])
+def test_bad_sweep_settings_name_the_parameter(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        run_sync_sweep(_sweep(tmp_path, **kw), tmp_path / "x", progress=False)
+
+
+def test_a_models_folder_without_the_runs_is_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"holds no run for job 'p1_g0.5_main_s0'"):
+        run_sync_sweep(_sweep(tmp_path), tmp_path / "x", models_dir=tmp_path / "empty", progress=False)
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["mnist-sync", "--gs", "0.3,1.5"], r"`gs` must be a non-empty list of couplings"),
+    (["mnist-sync", "--seeds", "0,-1"], r"argument --seeds: expected comma-separated integers >= 0"),
+    (["mnist-sync", "--models", "/nonexistent/runs"], r"--models /nonexistent/runs: no such folder"),
+])
+def test_mnist_sync_cli_errors_are_one_line(argv, match, capsys):
+    import re
+
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(match, err) and "Traceback" not in err
