@@ -281,6 +281,10 @@ def plot_speciation_vs_g(summary: dict) -> Figure:
             err = [[c["time"] - lo["time"]] if lo["time"] is not None else [0], [hi["time"] - c["time"]] if hi["time"] is not None else [0]]
             ax.errorbar([r["g"] + dx], [c["time"]], yerr=err, fmt="o", ms=4, color=color, capsize=2)
         ax.plot([], [], "o", color=color, label=rf"$t_{m}^{{spec}}$")
+    missing = [f"{m} at g = {r['g']:g}: {r[f't_spec_{m}']['status'].replace('_', ' ')}" for r in rows for m in "uv"
+               if r[f"t_spec_{m}"]["time"] is None]
+    if missing:
+        ax.text(0.02, 0.02, "not crossed: " + "; ".join(missing), transform=ax.transAxes, fontsize=6, wrap=True)
     ax.set(xlabel="coupling g", ylabel=r"speciation timestep ($\phi^{ex} = \phi^\star$)", title="Protocol II (eq 106)")
     ax.legend(fontsize=7)
     return fig
@@ -298,5 +302,23 @@ def plot_excess_agreement(summary: dict, g: float) -> Figure:
         ax.fill_between(r["t"], ex["lower"], ex["upper"], color=color, alpha=0.2)
     ax.invert_xaxis()
     ax.set(xlabel="reverse timestep t (clone start)", ylabel=r"$\phi^{ex}_m(t)$", title=f"Cloning agreement, g = {r['g']:g}")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def plot_gap_theory(summary: dict) -> Figure:
+    """Predicted (closed-form per-mode theory) and measured (Protocol II) gaps t_v^spec - t_u^spec against g."""
+    fig, ax = _fig()
+    th = sorted(summary["theory"], key=lambda r: r["g"])
+    ax.plot([r["g"] for r in th], [r["gap"] if r["gap"] is not None else np.nan for r in th], "-", color="k",
+            label="theory: $t_v - t_u$ (per-mode OU, $d\\kappa = 1$)")
+    got = [(r["g"], r["gap"]) for r in summary["protocol2"] if r["gap"] is not None]
+    if got:
+        ax.plot(*zip(*got), "o", color="C2", label=r"measured: $t_v^{spec} - t_u^{spec}$")
+    missing = sorted({r["g"] for r in summary["protocol2"] if r["gap"] is None})
+    if missing:
+        ax.text(0.02, 0.02, f"no measured gap at g = {', '.join(f'{g:g}' for g in missing)}", transform=ax.transAxes, fontsize=7)
+    ax.axhline(0, color="gray", lw=0.6)
+    ax.set(xlabel="coupling g", ylabel="gap (timesteps; < 0: u first)", title="Synchronization gap: theory and cloning")
     ax.legend(fontsize=7)
     return fig

@@ -179,3 +179,26 @@ def test_empirical_eps_is_the_posterior_mean_denoiser_written_with_the_covarianc
         w = np.exp(logw - logw.max())
         x0 = np.tensordot(w / w.sum(), pts.astype(np.float64), axes=1)
         np.testing.assert_allclose(got[b], (z[b] - np.sqrt(ab) * x0) / np.sqrt(1 - ab), rtol=2e-4, atol=2e-5)
+
+
+def test_ou_time_maps_to_the_timestep_with_the_same_signal_level():
+    from coupled_diffusion.experiments.mnist_sync import timestep_of_ou_time
+
+    sched = cd.VPSchedule.linear(200)
+    ab = np.asarray(sched.alphas_cumprod, np.float64)
+    s = -0.5 * np.log(ab[[0, 37, 150, 199]])  # e^{-2s} = alpha_bar_t exactly
+    np.testing.assert_allclose(timestep_of_ou_time(sched, s), [0, 37, 150, 199], atol=1e-6)
+    mid = -0.25 * (np.log(ab[40]) + np.log(ab[41]))  # halfway in log alpha_bar
+    assert timestep_of_ou_time(sched, mid) == pytest.approx(40.5)
+    assert np.isnan(timestep_of_ou_time(sched, 50.0))  # beyond the schedule's noise end
+
+
+def test_mode_theory_orders_u_before_v_more_with_g():
+    from coupled_diffusion.experiments.mnist_sync import mode_theory
+
+    rows = mode_theory(_two_class_data(64), cd.VPSchedule.linear(200), [0.0, 0.3, 0.6])
+    t_u, t_v = [r["t_u"] for r in rows], [r["t_v"] for r in rows]
+    assert all(np.isfinite(t_u + t_v))
+    assert t_u[0] < t_u[1] < t_u[2] and t_v[0] > t_v[1] > t_v[2]  # eq (95): u's SNR rises with g, v's falls
+    assert [r["snr_ratio"] for r in rows] == pytest.approx([1.0, 1.3 / 0.7, 1.6 / 0.4])
+    assert rows[2]["gap"] < rows[1]["gap"] < rows[0]["gap"]

@@ -294,3 +294,64 @@ def protocol2(eps_fn, schedule: VPSchedule, noise: ModeNoise, classifiers: dict,
     tu, tv = out["t_spec_u"], out["t_spec_v"]
     out["gap"] = tv.time - tu.time if tu.found and tv.found else float("nan")
     return out
+
+
+# ------------------------------------------------------------------------------------------------ theory beside it
+
+
+def timestep_of_ou_time(schedule: VPSchedule, s) -> np.ndarray:
+    r"""The (fractional) diffusion timestep whose signal level equals that of OU time `s`:
+    $\bar\alpha_t = e^{-2s}$ (the VP forward law is the OU $dX = -X\,ds + \sqrt2\,\sigma\,dW$ at $s$),
+    linearly interpolated in $\log \bar\alpha$; NaN outside the schedule's range."""
+    log_ab = np.log(np.asarray(schedule.alphas_cumprod, np.float64))  # decreasing in t
+    s = np.asarray(s, np.float64)
+    t = np.interp(-2 * s, log_ab[::-1], np.arange(len(log_ab))[::-1].astype(np.float64), left=np.nan, right=np.nan)
+    return np.where(np.isfinite(s), t, np.nan)
+
+
+def mode_theory(data, schedule: VPSchedule, gs) -> list[dict]:
+    r"""The per-mode speciation times that the toolkit's closed-form theory predicts for the Protocol II data.
+
+    Each mode m of the unswapped pairs (u, v in the model's [-1, 1] units, eq 91) is summarised as
+    a two-class mixture in $d = 784$ dimensions: the half-distance of the two class means gives
+    $m^2$ per dimension and the within-class pixel variance $\sigma^2$ (the swap symmetry, which
+    makes v's class means vanish, is left out: C_v is sign-blind). The forward law of mode m under
+    the mode-shaped noise is an OU process with stationary variance $\sigma_m^2 = 1 \mp g$ (eq 92),
+    so [`speciation_time`][] with $d\,\kappa = 1$ gives its OU time, mapped to a diffusion timestep
+    by [`timestep_of_ou_time`][]. Eq (95)'s SNR ratio $(1 + g)/(1 - g)$ is reported beside it.
+
+    **Returns:** one dict per g: `g`, `t_u`, `t_v` (timesteps; NaN where no speciation is
+    predicted), `gap` $= t_v - t_u$, `snr_ratio`, and the mixture's `m2` and `var` per mode.
+    """
+    from ..theory.mixture import TwoClassMixture
+    from ..theory.ou import CoupledOU
+    from ..theory.speciation import speciation_time
+
+    labels = np.asarray(data.labels)
+    classes = sorted(set(labels.tolist()))
+    if len(classes) != 2:
+        raise ValueError(f"the theory compares two classes; the data hold {classes}.")
+    pairs = 2 * np.stack([np.asarray(data.x), np.asarray(data.tx)], -1) - 1  # unswapped, [-1, 1]
+    r = 1 / np.sqrt(2)
+    modes = {"u": (pairs[..., 0] + pairs[..., 1]) * r, "v": (pairs[..., 0] - pairs[..., 1]) * r}
+    stats = {}
+    for m, img in modes.items():
+        flat = img.reshape(len(img), -1).astype(np.float64)
+        mu = [flat[labels == c].mean(0) for c in classes]
+        var = float(np.mean([flat[labels == c].var(0).mean() for c in classes]))
+        stats[m] = (float(np.sum(((mu[1] - mu[0]) / 2) ** 2) / flat.shape[1]), var, flat.shape[1])
+    out = []
+    for g in gs:
+        g = float(g)
+        if not 0 <= g < 1:
+            raise ValueError(f"`gs` must lie in [0, 1), got {g!r}.")
+        row = {"g": g, "snr_ratio": (1 + g) / (1 - g)}
+        for m, sigma2 in (("u", 1 - g), ("v", 1 + g)):
+            m2, var, d = stats[m]
+            mix = TwoClassMixture(np.array([[m2]]), np.array([var]))
+            sol = speciation_time(CoupledOU(np.array([[-1.0]]), 2 * sigma2), mix, dim=d, t_max=20.0, throw=False)
+            row[f"t_{m}"] = float(timestep_of_ou_time(schedule, float(sol.value)))
+            row[f"m2_{m}"], row[f"var_{m}"] = m2, var
+        row["gap"] = row["t_v"] - row["t_u"]
+        out.append(row)
+    return out

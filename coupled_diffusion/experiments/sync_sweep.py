@@ -34,8 +34,10 @@ from .mnist_sync import TAUS, fit_mode_classifiers, intervention_curve, protocol
 
 
 def _cpu_model() -> TrainConfig:
-    return TrainConfig(block_channels=(16, 32), attention=(False, True), T=200, batch_size=64, steps=600, lr=2e-3,
-                       warmup_steps=50, ema_decay=0.995, log_every=50, ckpt_every=200)
+    # the default run's U-Net (16, 32, 32), attention at 7 x 7 only: about 4 steps/s at batch 64 on 2 cores
+    # (a (16, 32) U-Net with attention at 14 x 14 ran at 1.8 steps/s, measured)
+    return TrainConfig(T=200, batch_size=64, steps=1200, lr=2e-3, warmup_steps=100, ema_decay=0.995, log_every=50,
+                       ckpt_every=200)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,6 +276,7 @@ def _run(sweep: SyncSweep, out: Path, models_dir, progress: bool, stop_after) ->
         if bar is not None:
             bar.close()
     summary = summarize_sweep(sweep, out)
+    summary["theory"] = _theory(sweep, shared)
     _write_json(out / "summary.json", summary)
     summary = json.loads((out / "summary.json").read_text())  # plain data, as the plots and users read it
     _write_table(out, summary)
@@ -294,6 +297,8 @@ def write_figures(summary: dict, out, sweep: SyncSweep) -> list[Path]:
                  ("figure8.png", lambda: P.plot_sync_trajectory(summary, g_show))]
     if summary["intervention"]:
         todo.append(("figure9.png", lambda: P.plot_intervention(summary)))
+    if summary.get("theory"):
+        todo.append(("gap_theory.png", lambda: P.plot_gap_theory(summary)))
     if summary["protocol2"]:
         todo += [("figure10.png", lambda: P.plot_speciation_vs_g(summary)),
                  ("figure11a.png", lambda: P.plot_excess_agreement(summary, min(sweep.clone_gs))),
@@ -308,15 +313,28 @@ def write_figures(summary: dict, out, sweep: SyncSweep) -> list[Path]:
     return written
 
 
-def _mode_classifiers(sweep: SyncSweep) -> dict:
+def _clone_data(sweep: SyncSweep, split: str):
     from ..data.mnist import load_mnist
     from ..data.pairing import PairedMNIST
 
     c = sweep.train.data
-    data = {}
-    for split in ("train", "test"):
-        x, y = load_mnist(split, c.data_path)
-        data[split] = PairedMNIST(x, y, transform=c.transform, pairing="main", classes=sweep.clone_classes)
+    x, y = load_mnist(split, c.data_path)
+    return PairedMNIST(x, y, transform=c.transform, pairing="main", classes=sweep.clone_classes)
+
+
+def _theory(sweep: SyncSweep, shared: dict) -> list[dict]:
+    """The closed-form per-mode speciation timesteps for Protocol II's data at every `clone_gs` ([`mode_theory`][])."""
+    from ..diffusion.noise import VPSchedule
+    from .mnist_sync import mode_theory
+
+    if "clone_train" not in shared:
+        shared["clone_train"] = _clone_data(sweep, "train")
+    rows = mode_theory(shared["clone_train"], VPSchedule.named(sweep.train.schedule, sweep.train.T), sweep.clone_gs)
+    return [{k: _finite_or_none(v) for k, v in r.items()} for r in rows]
+
+
+def _mode_classifiers(sweep: SyncSweep) -> dict:
+    data = {split: _clone_data(sweep, split) for split in ("train", "test")}
     return fit_mode_classifiers(data["train"], data["test"], classes=tuple(sorted(sweep.clone_classes)),
                                 steps=sweep.classifier_steps, batch_size=min(128, len(data["train"])), seed=0)
 
@@ -348,11 +366,13 @@ def summarize_sweep(sweep: SyncSweep, out) -> dict:
             row = {"g": g, "pairing": pairing}
             recs = [evals[j["name"]] for j in sweep.p1_jobs() if j["g"] == g and j["pairing"] == pairing and j["name"] in evals]
             for tau in sweep.taus:
-                gaps = [r["protocol1"]["gaps"][f"{tau:g}"]["gap"] for r in recs]
-                got = [x for x in gaps if x is not None]
+                cells = [r["protocol1"]["gaps"][f"{tau:g}"] for r in recs]
+                got = [c["gap"] for c in cells if c["gap"] is not None]
+                statuses = [c[m]["status"] for c in cells for m in ("t_u", "t_v") if c[m]["status"] != "crossed"]
                 row[f"{tau:g}"] = {"mean": float(np.mean(got)) if got else None,
                                    "sd": float(np.std(got, ddof=1)) if len(got) > 1 else None,
-                                   "n_crossed": len(got), "n_seeds": len(recs)}
+                                   "n_crossed": len(got), "n_seeds": len(recs),
+                                   "not_crossed": {s: statuses.count(s) for s in sorted(set(statuses))}}
             table.append(row)
     interventions = {e["job"]["pairing"]: e["intervention"] for e in evals.values() if "intervention" in e}
     clones = [{"g": e["job"]["g"], "seed": e["job"]["seed"]} | {k: e["protocol2"][k] for k in (
@@ -375,10 +395,12 @@ def _write_table(out: Path, summary: dict) -> None:
         cells = []
         for t in taus:
             c = row[t]
+            why = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in c.get("not_crossed", {}).items())
             if c["mean"] is None:
-                cells.append(f"no crossing (0 of {c['n_seeds']})")
+                cells.append(f"no gap in {c['n_seeds']} seed(s): {why}")
             else:
                 sd = f" +- {c['sd']:.1f}" if c["sd"] is not None else ""
-                cells.append(f"{c['mean']:.1f}{sd}" + ("" if c["n_crossed"] == c["n_seeds"] else f" ({c['n_crossed']} of {c['n_seeds']})"))
+                cells.append(f"{c['mean']:.1f}{sd}" + ("" if c["n_crossed"] == c["n_seeds"] else
+                                                       f" ({c['n_crossed']} of {c['n_seeds']} seeds; {why})"))
         lines.append(f"| {row['g']:g} | {row['pairing'].upper()} | " + " | ".join(cells) + " |")
     (out / "table1.md").write_text("\n".join(lines) + "\n")
