@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .._runlock import RunLock
-from ..diffusion.config import TrainConfig
+from ..diffusion.config import TrainConfig, _is_int, _is_real, _need, _need_int, _need_real
 from ..diffusion.samplers import timesteps
 from ..diffusion.sync import check_level
 from ..diffusion.train import load_run, train
@@ -87,31 +87,25 @@ class SyncSweep:
         return cls(**(kw | overrides))
 
     def validate(self) -> None:
-        def need(ok, msg):
-            if not ok:
-                raise ValueError(msg)
-
         for name in ("gs", "clone_gs"):
             vals = getattr(self, name)
-            need(len(vals) > 0 and all(isinstance(g, int | float) and 0 <= g < 1 for g in vals),
-                 f"`{name}` must be a non-empty list of couplings g in [0, 1), got {vals!r}.")
-        need(len(self.pairings) > 0 and set(self.pairings) <= {"main", "ctrl"},
-             f"`pairings` must be a non-empty subset of ('main', 'ctrl'), got {self.pairings!r}.")
-        need(len(self.seeds) > 0 and all(isinstance(s, int) and s >= 0 for s in self.seeds),
-             f"`seeds` must be a non-empty list of integers >= 0, got {self.seeds!r}.")
-        need(0 <= self.intervention_g < 1, f"`intervention_g` must lie in [0, 1), got {self.intervention_g!r}.")
+            _need(len(vals) > 0 and all(_is_real(g) and 0 <= g < 1 for g in vals),
+                  f"`{name}` must be a non-empty list of couplings g in [0, 1), got {vals!r}.")
+        _need(len(self.pairings) > 0 and set(self.pairings) <= {"main", "ctrl"},
+              f"`pairings` must be a non-empty subset of ('main', 'ctrl'), got {self.pairings!r}.")
+        _need(len(self.seeds) > 0 and all(_is_int(s) and s >= 0 for s in self.seeds),
+              f"`seeds` must be a non-empty list of integers >= 0, got {self.seeds!r}.")
+        _need_real(self, "intervention_g", lambda g: 0 <= g < 1, "in [0, 1)")
+        _need_real(self, "intervention_sigma", lambda s: s >= 0, ">= 0")
+        _need(len(self.taus) > 0, "`taus` must hold at least one threshold in (0, 1).")
         for t in self.taus:
             check_level(t, "taus")
-        need(len(self.taus) > 0, "`taus` must hold at least one threshold in (0, 1).")
         check_level(self.phi_star, "phi_star")
-        need(len(set(self.clone_classes)) == 2 and all(c in range(10) for c in self.clone_classes),
-             f"`clone_classes` must be two different digits, got {self.clone_classes!r}.")
-        for name in ("eval_n", "intervention_points", "scan_points", "clone_n", "clone_repeats", "classifier_steps",
-                     "quality_classifier_steps"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and v >= 1, f"`{name}` must be an integer >= 1, got {v!r}.")
-        need(isinstance(self.quality_n, int) and self.quality_n >= 0, f"`quality_n` must be an integer >= 0, got {self.quality_n!r}.")
-        need(self.intervention_sigma >= 0, f"`intervention_sigma` must be >= 0, got {self.intervention_sigma!r}.")
+        _need(len(set(self.clone_classes)) == 2 and all(_is_int(c) and 0 <= c <= 9 for c in self.clone_classes),
+              f"`clone_classes` must be two different digits, got {self.clone_classes!r}.")
+        _need_int(self, "eval_n", "intervention_points", "scan_points", "clone_n", "clone_repeats", "classifier_steps",
+                  "quality_classifier_steps")
+        _need_int(self, "quality_n", least=0)
         self.train.validate()
 
     def to_json(self) -> dict:
