@@ -17,6 +17,8 @@ The model enters as `eps_fn(z, t)` (e.g. `NNXEps(result.ema_model)`) with the `V
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -209,10 +211,14 @@ def fit_mode_classifiers(train, test, *, classes=None, steps: int = 600, batch_s
     return out
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _labels(graphdef, params, x):
+    return jnp.argmax(nnx.merge(graphdef, params)(x), -1)
+
+
 def _predict(model, img, chunk: int = 4096) -> np.ndarray:
-    graphdef, params = nnx.split(model)
-    f = jax.jit(lambda p, x: jnp.argmax(nnx.merge(graphdef, p)(x), -1))
-    return np.concatenate([np.asarray(f(params, img[i:i + chunk])) for i in range(0, img.shape[0], chunk)])
+    graphdef, params = nnx.split(model)  # the graph is hashable: one compilation per classifier and batch shape
+    return np.concatenate([np.asarray(_labels(graphdef, params, img[i:i + chunk])) for i in range(0, img.shape[0], chunk)])
 
 
 def classify_modes(classifiers: dict, z) -> tuple[np.ndarray, np.ndarray]:
@@ -258,19 +264,17 @@ def protocol2(eps_fn, schedule: VPSchedule, noise: ModeNoise, classifiers: dict,
         z_start, key = _start(noise, n, seed * 100_003 + r)
         k_master, k_clone, k_indep = jax.random.split(key, 3)
         master = sample(eps_fn, schedule, noise, k_master, z_start, log_at=tuple(scan), **run)
-        for j, t in enumerate(scan):
-            labels = []
-            for c in range(2):  # two clones from the cached state, independent reverse noise
-                k = jax.random.fold_in(k_clone, 2 * j + c)
-                z0 = sample(eps_fn, schedule, noise, k, master.z_log[j], start_t=jnp.int32(t), **run).z0
-                labels.append(classify_modes(classifiers, z0))
-            agree[:, j] += [np.sum(labels[0][m] == labels[1][m]) for m in range(2)]
-        labels = []
-        for c in range(2):  # independent samples: fresh noise, the same compiled sampler from its first step
-            k_z, k_run = jax.random.split(jax.random.fold_in(k_indep, c))
-            z = noise.sample(k_z, z_start.shape)
-            labels.append(classify_modes(classifiers, sample(eps_fn, schedule, noise, k_run, z, start_t=jnp.int32(ts[0]), **run).z0))
-        indep += [np.sum(labels[0][m] == labels[1][m]) for m in range(2)]
+        b = z_start.shape[0]
+        for j, t in enumerate(scan):  # both clones in one batch: the reverse noise is drawn per sample, so independent
+            twins = jnp.concatenate([master.z_log[j], master.z_log[j]])
+            z0 = sample(eps_fn, schedule, noise, jax.random.fold_in(k_clone, j), twins, start_t=jnp.int32(t), **run).z0
+            y = classify_modes(classifiers, z0)
+            agree[:, j] += [np.sum(y[m][:b] == y[m][b:]) for m in range(2)]
+        # independent samples: 2n fresh starts through the same compiled sampler, from its first step
+        k_z, k_run = jax.random.split(k_indep)
+        z0 = sample(eps_fn, schedule, noise, k_run, noise.sample(k_z, (2 * b,) + z_start.shape[1:]), start_t=jnp.int32(ts[0]), **run).z0
+        y = classify_modes(classifiers, z0)
+        indep += [np.sum(y[m][:b] == y[m][b:]) for m in range(2)]
         if progress is not None:
             progress(r + 1, int(repeats))
     pairs = int(repeats) * int(n)
