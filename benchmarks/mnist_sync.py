@@ -180,7 +180,8 @@ def main():
     med = {k: statistics.median(v) for k, v in times.items()}
     order = list(ts)
     calls = 3 * len(ts) + sum(2 * (len(ts) - order.index(t)) for t in scan)  # master, 2 independent, 2 clones per scan time
-    print(f"work per run: n = {args.n}, {len(scan)} scan times, {len(ts)} DDPM steps: {calls} network calls of batch {args.n}")
+    print(f"work per run: n = {args.n}, {len(scan)} scan times, {len(ts)} DDPM steps: {calls} network evaluations of {args.n} "
+          f"images (master {args.n} per call; clone pairs and independent samples {2 * args.n} per call)")
     for k, v in med.items():
         print(f"{k:6s} {v:7.2f} s (median of {args.repeats}; {times[k]})")
     print(f"ours / torch speed: {med['torch'] / med['ours']:.2f}x")
