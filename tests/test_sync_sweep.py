@@ -61,6 +61,7 @@ def test_a_killed_sweep_resumes_without_retraining_and_gives_the_same_table(tmp_
     assert not (tmp_path / "c" / "models").exists()
 
 
+@pytest.mark.slow  # ~60 s: two tiny models trained; the summary, table and figures are tested by default below
 def test_a_minimal_sweep_writes_the_table_and_the_summary(tmp_path, capsys):
     sweep = _sweep(tmp_path, pairings=("main",), clone_gs=(0.5,))
     out = tmp_path / "s"
@@ -116,3 +117,38 @@ def test_mnist_sync_cli_errors_are_one_line(argv, match, capsys):
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and re.search(match, err) and "Traceback" not in err
+
+
+def test_the_table_summary_and_figures_from_evaluations(tmp_path):
+    """What the sweep does after its jobs, on evaluations of an exact-eps model (no training)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import coupled_diffusion as cd
+    from coupled_diffusion.experiments.mnist_sync import intervention_curve, protocol1, protocol2
+    from coupled_diffusion.experiments.sync_sweep import _p1_record, _write_json, _write_table, summarize_sweep, write_figures
+
+    sweep = _sweep(tmp_path, gs=(0.5,), pairings=("main", "ctrl"), clone_gs=(0.5,))
+    rng = np.random.default_rng(0)
+    protos = jnp.asarray(rng.uniform(-1, 1, (2, 28, 28, 2)).astype(np.float32))
+    sched, noise = cd.VPSchedule.linear(20), cd.ModeNoise.paired(0.5)
+    eps = cd.EmpiricalEps(protos, sched, noise)
+    clf = {"c_u": cd.ModeClassifier(2, rngs=nnx.Rngs(0)), "c_v": cd.ModeClassifier(2, symmetric=True, rngs=nnx.Rngs(1))}
+    (tmp_path / "eval").mkdir()
+    for job in sweep.p1_jobs():
+        rec = {"job": job, "protocol1": _p1_record(protocol1(eps, sched, noise, n=2, seed=job["seed"]), sweep.taus)}
+        rec["intervention"] = intervention_curve(eps, sched, noise, t_ints=sweep.intervention_times(), n=2)
+        _write_json(tmp_path / "eval" / f"{job['name']}.json", rec)
+    job = sweep.p2_jobs()[0]
+    p2 = protocol2(eps, sched, noise, clf, scan_t=sweep.scan_times(), n=4, seed=0) | {"classifier_accuracy": {"u": 1.0, "v": 1.0}}
+    _write_json(tmp_path / "eval" / f"{job['name']}.json", {"job": job, "protocol2": p2})
+    _write_json(tmp_path / "summary.json", summarize_sweep(sweep, tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["complete"] and [r["pairing"] for r in summary["table1"]] == ["main", "ctrl"]
+    cell = summary["table1"][0]["0.9"]
+    assert cell["n_seeds"] == 1 and (cell["n_crossed"] == 1) == (cell["mean"] is not None)
+    _write_table(tmp_path, summary)
+    md = (tmp_path / "table1.md").read_text().splitlines()
+    assert md[0] == "| g | pairing | Delta t(0.9) | Delta t(0.95) | Delta t(0.98) |" and md[2].startswith("| 0.5 | MAIN |")
+    names = {p.name for p in write_figures(summary, tmp_path, sweep)}
+    assert names == {f"figure{i}.png" for i in ("6", "7", "8", "9", "10", "11a", "11b")}
