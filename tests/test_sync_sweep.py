@@ -152,3 +152,8 @@ def test_the_table_summary_and_figures_from_evaluations(tmp_path):
     assert md[0] == "| g | pairing | Delta t(0.9) | Delta t(0.95) | Delta t(0.98) |" and md[2].startswith("| 0.5 | MAIN |")
     names = {p.name for p in write_figures(summary, tmp_path, sweep)}
     assert names == {f"figure{i}.png" for i in ("6", "7", "8", "9", "10", "11a", "11b")}
+
+
+def test_the_intervention_curve_goes_to_the_nearest_protocol1_coupling(tmp_path):
+    assert _sweep(tmp_path, gs=(0.0, 0.3, 0.9)).intervention_job_g() == 0.3
+    assert _sweep(tmp_path, gs=(0.5,), intervention_g=0.1).intervention_job_g() == 0.5

@@ -10,7 +10,7 @@ Jobs:
 
 - Protocol I (Table 1): one model per `(g, pairing, seed)` over `gs x pairings x seeds`, all digits;
   each evaluated by [`protocol1`][] (batch `eval_n`) and by the pair classifier's sample quality.
-- the intervention curve (eq 101): the MAIN and CTRL models at `intervention_g`, first seed;
+- the intervention curve (eq 101): the MAIN and CTRL models at the g of `gs` nearest `intervention_g`, first seed;
 - Protocol II: one MAIN model per `(g, seed)` over `clone_gs x seeds` on the two `clone_classes`,
   evaluated by [`protocol2`][] with mode classifiers fitted once.
 """
@@ -131,6 +131,10 @@ class SyncSweep:
     def job_config(self, job: dict) -> TrainConfig:
         return self.train.replace(g=job["g"], pairing=job["pairing"], seed=job["seed"], classes=job["classes"])
 
+    def intervention_job_g(self) -> float:
+        """The coupling of the Protocol I models that get the intervention curve: the one of `gs` nearest `intervention_g`."""
+        return float(min(self.gs, key=lambda g: (abs(g - self.intervention_g), g)))
+
     def intervention_times(self) -> list[int]:
         ts = timesteps(self.train.T)
         idx = np.unique(np.linspace(0, len(ts) - 1, self.intervention_points + 2).round().astype(int))[1:-1]
@@ -250,7 +254,7 @@ def _run(sweep: SyncSweep, out: Path, models_dir, progress: bool, stop_after) ->
             if job in p1:
                 rec["protocol1"] = _p1_record(protocol1(eps_fn, schedule, noise, n=sweep.eval_n, seed=job["seed"], taus=sweep.taus),
                                               sweep.taus)
-                if job["g"] == sweep.intervention_g and job["seed"] == sweep.seeds[0]:
+                if job["g"] == sweep.intervention_job_g() and job["seed"] == sweep.seeds[0]:
                     rec["intervention"] = intervention_curve(eps_fn, schedule, noise, t_ints=sweep.intervention_times(),
                                                              sigma=sweep.intervention_sigma, n=sweep.eval_n, seed=job["seed"])
             else:
