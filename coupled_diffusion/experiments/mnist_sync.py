@@ -83,6 +83,17 @@ def protocol1(eps_fn, schedule: VPSchedule, noise: ModeNoise, *, n: int = 16, nu
             "trajectory": x0[:, 0].astype(np.float32), "final": np.asarray(out.z0)}
 
 
+def _on_grid(times, ts, what: str) -> list[int]:
+    """`times` as integers, each one of the sampler's timesteps `ts`; else a ValueError starting with `what`."""
+    raw = np.atleast_1d(np.asarray(times, np.float64))
+    grid = set(ts.tolist())
+    off = [float(r) for r in raw if r != int(r) or int(r) not in grid]
+    if raw.size == 0 or off:
+        raise ValueError(f"{what} of timesteps on the sampler's grid ({ts[:3].tolist()} ... {ts[-2:].tolist()}), "
+                         f"got {off or times!r}.")
+    return [int(r) for r in raw]
+
+
 def _final_modes(eps_fn, schedule, noise, key, z_start, num_steps, intervention=None):
     z0 = sample(eps_fn, schedule, noise, key, z_start, method="ddim", eta=0.0, num_steps=num_steps, intervention=intervention).z0
     return np.asarray(noise.to_modes(z0), np.float64)
@@ -109,12 +120,7 @@ def intervention_curve(eps_fn, schedule: VPSchedule, noise: ModeNoise, *, t_ints
     `progress(i, total)` is called after each.
     """
     ts = timesteps(schedule.T, num_steps)
-    raw = np.atleast_1d(np.asarray(t_ints, np.float64))
-    t_ints = [int(t) for t in raw]
-    off = [float(r) for r, t in zip(raw, t_ints) if r != t or t not in set(ts.tolist())]
-    if not t_ints or off:
-        raise ValueError(f"`t_ints` must be a non-empty list of timesteps on the sampler's grid ({ts[:3].tolist()} ... "
-                         f"{ts[-2:].tolist()}), got {off or t_ints}.")
+    t_ints = _on_grid(t_ints, ts, "`t_ints` must be a non-empty list")
     if not (float(sigma) >= 0):
         raise ValueError(f"`sigma` must be >= 0, got {sigma!r}.")
     z_start, key = _start(noise, n, seed)
@@ -248,12 +254,7 @@ def protocol2(eps_fn, schedule: VPSchedule, noise: ModeNoise, classifiers: dict,
     status "undefined".
     """
     ts = timesteps(schedule.T, num_steps)
-    raw = np.atleast_1d(np.asarray(scan_t, np.float64))
-    scan = sorted({int(t) for t in raw})
-    off = [float(r) for r in raw if r != int(r) or int(r) not in set(ts.tolist())]
-    if not scan or off:
-        raise ValueError(f"`scan_t` must be a non-empty set of timesteps on the sampler's grid ({ts[:3].tolist()} ... "
-                         f"{ts[-2:].tolist()}), got {off or scan_t!r}.")
+    scan = sorted(set(_on_grid(scan_t, ts, "`scan_t` must be a non-empty set")))
     if not (isinstance(repeats, int | np.integer) and repeats >= 1):
         raise ValueError(f"`repeats` must be a positive integer, got {repeats!r}.")
     check_level(phi_star, "phi_star")
