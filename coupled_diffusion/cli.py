@@ -335,9 +335,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/mnist-sync", help="sweep directory: models/, eval/, table1.md, summary.json")
     p.add_argument("--paper", action="store_true", help="the paper's scale (4 seeds, 20 epochs, T = 200; an accelerator)")
     p.add_argument("--models", help="evaluate the runs in this folder (models/<job>/ or <job>/) instead of training")
-    p.add_argument("--gs", type=_list_of(float, "couplings in [0, 1)"), help="Protocol I couplings (default 0,0.3,0.5,0.7)")
+    p.add_argument("--gs", type=_list_of(float, "couplings in [0, 1)"),
+                   help="Protocol I couplings (default 0,0.3,0.5; --paper 0,0.3,0.5,0.7)")
     p.add_argument("--clone-gs", dest="clone_gs", type=_list_of(float, "couplings in [0, 1)"),
-                   help="Protocol II couplings (default 0,0.3,0.6; --paper 0,0.1,...,0.6)")
+                   help="Protocol II couplings (default 0,0.3,0.5; --paper 0,0.1,...,0.6)")
     p.add_argument("--seeds", type=_list_of(int, "integers >= 0", least=0), help="seeds (default 0; --paper 0,1,2,3)")
     p.add_argument("--steps", type=_POS_INT, help="training steps per model")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -137,7 +137,9 @@ def test_bundled_mnist():
     assert 0.10 < x.mean() < 0.16  # MNIST's mean intensity, about 0.13
 
 
-@pytest.mark.slow  # ~40 s; tests/test_train.py::test_evaluate_run_scores_real_pairs_high_and_a_tiny_run_lower checks the same classifier on real pairs by default
+# ~40 s; test_train.py::test_evaluate_run_scores_real_pairs_high_and_a_tiny_run_lower checks the same classifier
+# on real pairs in the default run
+@pytest.mark.slow
 def test_pair_classifier_recognises_real_pairs_and_not_noise():
     import jax.numpy as jnp
 

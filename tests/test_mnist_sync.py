@@ -202,3 +202,41 @@ def test_mode_theory_orders_u_before_v_more_with_g():
     assert t_u[0] < t_u[1] < t_u[2] and t_v[0] > t_v[1] > t_v[2]  # eq (95): u's SNR rises with g, v's falls
     assert [r["snr_ratio"] for r in rows] == pytest.approx([1.0, 1.3 / 0.7, 1.6 / 0.4])
     assert rows[2]["gap"] < rows[1]["gap"] < rows[0]["gap"]
+
+
+def test_protocols_split_their_batch_over_4_fake_devices_with_the_same_numbers():
+    """A sweep on several devices runs the protocols data parallel: the weights replicated, the
+    batch split; the results are those of one device (to float rounding)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import types
+        import jax, numpy as np
+        from flax import nnx
+        import coupled_diffusion as cd
+        import coupled_diffusion.experiments.mnist_sync as ms
+
+        assert jax.device_count() == 4
+        model = cd.UNet(in_channels=2, block_channels=(8, 8), layers_per_block=1, attention=(False, False), num_groups=4,
+                        rngs=nnx.Rngs(0))
+        eps_fn, sched, noise = ms.run_eps(types.SimpleNamespace(config=cd.TrainConfig(T=12, g=0.5), ema_model=model))
+        assert all(len(x.sharding.device_set) == 4 for x in jax.tree.leaves(eps_fn.state))  # the weights replicated
+        z, _ = ms._start(noise, 8, 0)
+        assert len(z.sharding.device_set) == 4 and z.addressable_shards[0].data.shape[0] == 2  # the batch split
+        assert len(ms._start(noise, 6, 0)[0].sharding.device_set) == 1  # 6 does not split over 4: left whole
+        # the numbers: the exact eps of three random pairs (bounded outputs), split against whole
+        pts = np.random.default_rng(0).uniform(-1, 1, (3, 28, 28, 2))
+        oracle = cd.EmpiricalEps(pts, sched, noise)
+        split = ms.protocol1(oracle, sched, noise, n=8, seed=2)
+        ms._spread = lambda z: z
+        whole = ms.protocol1(oracle, sched, noise, n=8, seed=2)
+        for key in ("final", "cos_u", "cos_v", "ghosting"):
+            np.testing.assert_allclose(split[key], whole[key], rtol=1e-4, atol=1e-5)
+        print("OK")
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr

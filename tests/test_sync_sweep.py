@@ -1,5 +1,6 @@
 """The `mnist-sync` sweep on tiny models: wiring, exact resume after a kill, `--models`, bad input."""
 
+import dataclasses
 import json
 import shutil
 
@@ -61,22 +62,27 @@ def test_a_killed_sweep_resumes_without_retraining_and_gives_the_same_table(tmp_
     assert not (tmp_path / "c" / "models").exists()
 
 
-@pytest.mark.slow  # ~60 s: two tiny models trained; the summary, table and figures are tested by default below
+@pytest.mark.slow  # ~60 s: one tiny model trained; the summary, table and figures are tested by default below
 def test_a_minimal_sweep_writes_the_table_and_the_summary(tmp_path, capsys):
-    sweep = _sweep(tmp_path, pairings=("main",), clone_gs=(0.5,))
+    sweep = _sweep(tmp_path, pairings=("main",), clone_gs=(0.5,), quality_n=4, quality_classifier_steps=5)
+    sweep = dataclasses.replace(sweep, train=sweep.train.replace(classes=(0, 1)))  # Protocol I on the clone classes
     out = tmp_path / "s"
     summary = run_sync_sweep(sweep, out, progress=False)
     assert summary["complete"] and [r["pairing"] for r in summary["table1"]] == ["main"]
+    # one model for both protocols, scored once
+    assert [p.name for p in (out / "models").iterdir()] == ["g0.5_main_c01_s0"]
     ev = _evals(out)
-    p1 = ev["p1_g0.5_main_s0.json"]["protocol1"]
+    assert sorted(ev) == ["p1_g0.5_main_c01_s0.json", "p2_g0.5_main_c01_s0.json"]
+    assert "quality" in ev["p1_g0.5_main_c01_s0.json"] and "quality" not in ev["p2_g0.5_main_c01_s0.json"]
+    p1 = ev["p1_g0.5_main_c01_s0.json"]["protocol1"]
     assert len(p1["t"]) == 20 and set(p1["gaps"]) == {"0.9", "0.95", "0.98"}
-    assert [r["t_int"] for r in ev["p1_g0.5_main_s0.json"]["intervention"]] == sweep.intervention_times()
+    assert [r["t_int"] for r in ev["p1_g0.5_main_c01_s0.json"]["intervention"]] == sweep.intervention_times()
     p2 = ev["p2_g0.5_main_c01_s0.json"]["protocol2"]
     assert p2["t"] == sweep.scan_times() and p2["n_pairs"] == 4
     for name in ("figure6", "figure7", "figure8", "figure9", "figure10", "figure11a", "figure11b"):
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
     band = summary["protocol2"][0]["t_spec_u_band"]
-    assert [c["status"] for c in band] and summary["protocol1"]["p1_g0.5_main_s0"]["trajectory"]["t"][0] == 19
+    assert [c["status"] for c in band] and summary["protocol1"]["p1_g0.5_main_c01_s0"]["trajectory"]["t"][0] == 19
     md = (out / "table1.md").read_text()
     assert md.startswith("| g | pairing | Delta t(0.9) | Delta t(0.95) | Delta t(0.98) |") and "| 0.5 | MAIN |" in md
     with pytest.raises(ValueError, match="different configuration"):
@@ -91,15 +97,30 @@ def test_a_minimal_sweep_writes_the_table_and_the_summary(tmp_path, capsys):
     pytest.param(dict(phi_star=0.0), r"`phi_star` must lie in \(0, 1\)", id="phi-star"),
     pytest.param(dict(clone_classes=(3, 3)), r"`clone_classes` must be two different digits", id="classes"),
     pytest.param(dict(scan_points=0), r"`scan_points` must be an integer >= 1", id="scan-points"),
+    pytest.param(dict(clip=-1.0), r"`clip` must be None \(no bound\) or a finite number > 0", id="clip"),
 ])
 def test_bad_sweep_settings_name_the_parameter(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         run_sync_sweep(_sweep(tmp_path, **kw), tmp_path / "x", progress=False)
 
 
+def test_the_protocols_share_a_model_trained_on_the_clone_classes():
+    # the CPU default: Protocol I on the digits 0 and 1, so Protocol II's MAIN models are Protocol I's
+    cpu = SyncSweep()
+    assert cpu.models() == [f"g{g}_{p}_c01_s0" for g in ("0", "0.3", "0.5") for p in ("main", "ctrl")]
+    assert {j["model"] for j in cpu.p2_jobs()} == {f"g{g}_main_c01_s0" for g in ("0", "0.3", "0.5")}
+    for job in cpu.p1_jobs() + cpu.p2_jobs():
+        c = cpu.job_config(job)
+        assert (c.g, c.pairing, c.seed, c.classes) == (job["g"], job["pairing"], job["seed"], (0, 1))
+    # the paper: Protocol I on all digits, Protocol II's two-class models apart: 4 x 2 x 4 + 7 x 4
+    paper = SyncSweep.paper()
+    assert len(paper.models()) == 32 + 28 and paper.job_config(paper.p1_jobs()[0]).classes is None
+    assert paper.p2_jobs()[0]["model"] == "g0_main_c01_s0" and paper.p1_jobs()[0]["model"] == "g0_main_s0"
+
+
 def test_a_models_folder_without_the_runs_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"holds no run for job 'p1_g0.5_main_s0'"):
+    with pytest.raises(FileNotFoundError, match=r"holds no run for model 'g0.5_main_s0' of job 'p1_g0.5_main_s0'"):
         run_sync_sweep(_sweep(tmp_path), tmp_path / "x", models_dir=tmp_path / "empty", progress=False)
 
 

@@ -26,10 +26,10 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from .._runlock import RunLock
 from ..data.pairing import PairedMNIST
 from ..models.sharding import data_mesh
 from .build import build_data, build_model, build_optimizer, learning_rate
-from .._runlock import RunLock
 from .checkpoint import TrainResult, load_run, restore_checkpoint, result_from_state, run_checkpoints, save_checkpoint
 from .config import TrainConfig
 from .step import compiled_step, initial_state

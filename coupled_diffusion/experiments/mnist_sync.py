@@ -39,26 +39,59 @@ from ..diffusion.sync import (
     sync_gaps,
     wilson,
 )
+from ..models.sharding import data_mesh, replicate, shard_batch
 
 TAUS = (0.90, 0.95, 0.98)  # the paper's thresholds (Table 1)
+# the samplers bound x0-hat to the data's range [-1, 1] in each step, as diffusers' DDPM and DDIM
+# schedulers do by default (`clip_sample=True`): unbounded, a two-class model of 1200 steps gave 17%
+# recognisable DDPM samples and 4% DDIM ones, against 95% and 82% bounded (README)
+CLIP = 1.0
+
+
+def _check_clip(clip):
+    if clip is not None and not (isinstance(clip, int | float | np.integer | np.floating) and np.isfinite(clip) and clip > 0):
+        raise ValueError(f"`clip` must be None (no bound) or a finite number > 0 (x0-hat bounded to [-clip, clip]), got {clip!r}.")
+    return None if clip is None else float(clip)
 
 
 def run_eps(result, *, ema: bool = True):
-    """`(eps_fn, schedule, noise)` of a training run (`TrainResult` or `load_run`); the EMA weights by default."""
+    """`(eps_fn, schedule, noise)` of a training run (`TrainResult` or `load_run`); the EMA weights by default.
+
+    With several devices the weights are replicated on all of them, as the protocols split
+    their batches over the devices (`_spread`).
+    """
     schedule, noise = build_noise(result.config.noise)
-    return NNXEps(result.ema_model if ema else result.model), schedule, noise
+    model = result.ema_model if ema else result.model
+    if jax.device_count() > 1:
+        replicate(model, data_mesh())
+    return NNXEps(model), schedule, noise
+
+
+def _spread(z):
+    """The batch split over all devices (data parallel) when there are several and they divide it; else `z`.
+
+    The samplers' draws do not depend on the placement (JAX's partitionable threefry), so the
+    numbers are those of one device, to float rounding (tested on 4 fake devices).
+    """
+    count = jax.device_count()
+    if count == 1 or z.shape[0] % count:
+        return z
+    return shard_batch(z, data_mesh())
 
 
 def _start(noise: ModeNoise, n: int, seed: int):
     if not (isinstance(n, int | np.integer) and n >= 1):
         raise ValueError(f"`n` (the evaluation batch) must be a positive integer, got {n!r}.")
     key_start, key_run = jax.random.split(jax.random.key(seed))
-    return noise.sample(key_start, (int(n), 28, 28, noise.k)), key_run
+    return _spread(noise.sample(key_start, (int(n), 28, 28, noise.k))), key_run
 
 
 def protocol1(eps_fn, schedule: VPSchedule, noise: ModeNoise, *, n: int = 16, num_steps: int | None = None, seed: int = 0,
-              taus=TAUS) -> dict:
+              taus=TAUS, clip: float | None = CLIP) -> dict:
     r"""Protocol I on one model: DDIM from `n` draws of the mode-shaped noise, every step logged.
+
+    The steps bound $\hat z_0$ to `[-clip, clip]` (diffusers' default; None: unbounded); the logged
+    $\hat z_0$ is eq (97)'s, before the bound.
 
     **Returns:** a dict of NumPy arrays and [`Crossing`][]s:
 
@@ -72,7 +105,8 @@ def protocol1(eps_fn, schedule: VPSchedule, noise: ModeNoise, *, n: int = 16, nu
         raise ValueError(f"Protocol I needs the paired two-channel noise (k = 2), got k = {noise.k}.")
     z_start, key = _start(noise, n, seed)
     ts = timesteps(schedule.T, num_steps)
-    out = sample(eps_fn, schedule, noise, key, z_start, method="ddim", eta=0.0, num_steps=len(ts), log_at=tuple(int(t) for t in ts))
+    out = sample(eps_fn, schedule, noise, key, z_start, method="ddim", eta=0.0, num_steps=len(ts), log_at=tuple(int(t) for t in ts),
+                 clip=_check_clip(clip))
     x0 = np.asarray(out.x0_log, np.float64)  # (L, B, H, W, 2), logged in reverse order (decreasing t)
     modes = np.asarray(noise.to_modes(jnp.asarray(x0)), np.float64)
     t = np.asarray(out.log_t)
@@ -94,25 +128,28 @@ def _on_grid(times, ts, what: str) -> list[int]:
     return [int(r) for r in raw]
 
 
-def _final_modes(eps_fn, schedule, noise, key, z_start, num_steps, intervention=None):
-    z0 = sample(eps_fn, schedule, noise, key, z_start, method="ddim", eta=0.0, num_steps=num_steps, intervention=intervention).z0
+def _final_modes(eps_fn, schedule, noise, key, z_start, num_steps, clip, intervention=None):
+    z0 = sample(eps_fn, schedule, noise, key, z_start, method="ddim", eta=0.0, num_steps=num_steps, intervention=intervention,
+                clip=clip).z0
     return np.asarray(noise.to_modes(z0), np.float64)
 
 
 def intervention_effect(eps_fn, schedule: VPSchedule, noise: ModeNoise, *, t_int: int, sigma: float = 0.25, n: int = 16,
-                        num_steps: int | None = None, seed: int = 0, mode: int = 1) -> dict:
+                        num_steps: int | None = None, seed: int = 0, mode: int = 1, clip: float | None = CLIP) -> dict:
     r"""The intervention of eq (101): noise of scale `sigma` added to one mode (`mode = 1`: v) at `t_int`,
     then deterministic DDIM on, from the same initial noise as an unperturbed run.
 
     **Returns:** `{"rms_u", "rms_v"}`, the RMS change of the final u and v images (mode coordinates,
     eq 91), and `{"t_int", "sigma"}`. The paper: $t_{int} = 260$ of $T = 500$, $\sigma = 0.25$ (Figure 9).
+    `clip` as in [`protocol1`][].
     """
     return intervention_curve(eps_fn, schedule, noise, t_ints=[t_int], sigma=sigma, n=n, num_steps=num_steps, seed=seed,
-                              mode=mode)[0]
+                              mode=mode, clip=clip)[0]
 
 
 def intervention_curve(eps_fn, schedule: VPSchedule, noise: ModeNoise, *, t_ints, sigma: float = 0.25, n: int = 16,
-                       num_steps: int | None = None, seed: int = 0, mode: int = 1, progress=None) -> list[dict]:
+                       num_steps: int | None = None, seed: int = 0, mode: int = 1, clip: float | None = CLIP,
+                       progress=None) -> list[dict]:
     r"""[`intervention_effect`][] at each of `t_ints` (timesteps on the sampler's grid), one compiled sampler for all.
 
     The window where u is already stable and v is not shows as the range of $t_{int}$ where
@@ -123,12 +160,13 @@ def intervention_curve(eps_fn, schedule: VPSchedule, noise: ModeNoise, *, t_ints
     t_ints = _on_grid(t_ints, ts, "`t_ints` must be a non-empty list")
     if not (float(sigma) >= 0):
         raise ValueError(f"`sigma` must be >= 0, got {sigma!r}.")
+    clip = _check_clip(clip)
     z_start, key = _start(noise, n, seed)
-    base = _final_modes(eps_fn, schedule, noise, key, z_start, len(ts))
+    base = _final_modes(eps_fn, schedule, noise, key, z_start, len(ts), clip)
     out = []
     for i, t in enumerate(t_ints):
         hit = Intervention(jnp.int32(t), jnp.float32(sigma), mode)  # traced t and sigma: compiled once
-        m = _final_modes(eps_fn, schedule, noise, key, z_start, len(ts), hit)
+        m = _final_modes(eps_fn, schedule, noise, key, z_start, len(ts), clip, hit)
         out.append({"t_int": t, "sigma": float(sigma), "rms_u": rms_change(m[..., 0], base[..., 0]),
                     "rms_v": rms_change(m[..., 1], base[..., 1])})
         if progress is not None:
@@ -234,7 +272,8 @@ def classify_modes(classifiers: dict, z) -> tuple[np.ndarray, np.ndarray]:
 
 
 def protocol2(eps_fn, schedule: VPSchedule, noise: ModeNoise, classifiers: dict, *, scan_t, n: int = 128, repeats: int = 1,
-              num_steps: int | None = None, seed: int = 0, phi_star: float = 0.55, progress=None) -> dict:
+              num_steps: int | None = None, seed: int = 0, phi_star: float = 0.55, clip: float | None = CLIP,
+              progress=None) -> dict:
     r"""Protocol II (Section 5.2): cloning agreement of u and v against the reverse time, and $t^{spec}_{u,v}$.
 
     For each of `repeats` master DDPM trajectories (batch `n`, eq 102's rescaled steps), the states at
@@ -243,7 +282,7 @@ def protocol2(eps_fn, schedule: VPSchedule, noise: ModeNoise, classifiers: dict,
     $\phi_m(t)$ (eq 104) pools the agreeing pairs over repeats and batch, with 95% Wilson intervals;
     $\phi^{indep}_m$ comes from as many pairs of independent samples; $\phi^{ex}_m$ (eq 105) maps
     $\phi$ and its bounds; $t^{spec}_m(\phi^\star)$ (eq 106) interpolates between scan times.
-    `progress(i, total)` is called after each master trajectory.
+    `clip` bounds $\hat z_0$ in each step as in [`protocol1`][]. `progress(i, total)` is called after each master trajectory.
 
     **Returns:** `{"t", "phi_u", "phi_v", "phi_indep_u", "phi_indep_v", "ex_u", "ex_v", "t_spec_u", "t_spec_v",
     "gap", "n_pairs"}`: `phi_*` and `ex_*` are dicts of arrays `value`, `lower`, `upper` over `t`
@@ -258,7 +297,7 @@ def protocol2(eps_fn, schedule: VPSchedule, noise: ModeNoise, classifiers: dict,
     if not (isinstance(repeats, int | np.integer) and repeats >= 1):
         raise ValueError(f"`repeats` must be a positive integer, got {repeats!r}.")
     check_level(phi_star, "phi_star")
-    run = dict(method="ddpm", num_steps=len(ts))
+    run = dict(method="ddpm", num_steps=len(ts), clip=_check_clip(clip))
     agree = np.zeros((2, len(scan)), np.int64)
     indep = np.zeros(2, np.int64)
     for r in range(int(repeats)):
@@ -273,7 +312,8 @@ def protocol2(eps_fn, schedule: VPSchedule, noise: ModeNoise, classifiers: dict,
             agree[:, j] += [np.sum(y[m][:b] == y[m][b:]) for m in range(2)]
         # independent samples: 2n fresh starts through the same compiled sampler, from its first step
         k_z, k_run = jax.random.split(k_indep)
-        z0 = sample(eps_fn, schedule, noise, k_run, noise.sample(k_z, (2 * b,) + z_start.shape[1:]), start_t=jnp.int32(ts[0]), **run).z0
+        z0 = sample(eps_fn, schedule, noise, k_run, _spread(noise.sample(k_z, (2 * b,) + z_start.shape[1:])), start_t=jnp.int32(ts[0]),
+                    **run).z0
         y = classify_modes(classifiers, z0)
         indep += [np.sum(y[m][:b] == y[m][b:]) for m in range(2)]
         if progress is not None:

@@ -1,18 +1,21 @@
 r"""The Section 5 sweep: every model both protocols need, trained or reused, evaluated, and tabulated.
 
-[`run_sync_sweep`][] trains (or resumes, exactly) one model per job under `<out>/models/<job>/`
-with the training loop, evaluates it once into `<out>/eval/<job>.json` (written atomically), and
-aggregates Table 1 (`table1.json`, `table1.md`) and `summary.json`. A killed sweep loses at most
-the job it was in (and, inside a training job, one checkpoint interval): restarted, it reuses
-every finished model and evaluation, and gives the same numbers as an uninterrupted sweep.
+[`run_sync_sweep`][] trains (or resumes, exactly) each model the jobs need once, under
+`<out>/models/<model>/` with the training loop (`<model>` = `g<g>_<pairing>[_c<classes>]_s<seed>`),
+evaluates each job once into `<out>/eval/<job>.json` (written atomically), and aggregates
+Table 1 (`table1.json`, `table1.md`) and `summary.json`. A killed sweep loses at most the job it
+was in (and, inside a training job, one checkpoint interval): restarted, it reuses every
+finished model and evaluation, and gives the same numbers as an uninterrupted sweep.
 
 Jobs:
 
-- Protocol I (Table 1): one model per `(g, pairing, seed)` over `gs x pairings x seeds`, all digits;
-  each evaluated by [`protocol1`][] (batch `eval_n`) and by the pair classifier's sample quality.
+- Protocol I (Table 1): one per `(g, pairing, seed)` over `gs x pairings x seeds`, on the digits
+  of `train.classes` (the paper: all ten; the CPU default: the two clone classes); each evaluated
+  by [`protocol1`][] (batch `eval_n`) and by the pair classifier's sample quality.
 - the intervention curve (eq 101): the MAIN and CTRL models at the g of `gs` nearest `intervention_g`, first seed;
-- Protocol II: one MAIN model per `(g, seed)` over `clone_gs x seeds` on the two `clone_classes`,
-  evaluated by [`protocol2`][] with mode classifiers fitted once.
+- Protocol II: one per `(g, seed)` over `clone_gs x seeds`, MAIN, on the two `clone_classes`,
+  evaluated by [`protocol2`][] with mode classifiers fitted once. Where Protocol I's MAIN model
+  at that `(g, seed)` was trained on the same two digits, it is that model.
 """
 
 from __future__ import annotations
@@ -30,14 +33,15 @@ from ..diffusion.config import TrainConfig, _is_int, _is_real, _need, _need_int,
 from ..diffusion.samplers import timesteps
 from ..diffusion.sync import check_level
 from ..diffusion.train import load_run, train
-from .mnist_sync import TAUS, fit_mode_classifiers, intervention_curve, protocol1, protocol2, run_eps
+from .mnist_sync import TAUS, _check_clip, fit_mode_classifiers, intervention_curve, protocol1, protocol2, run_eps
 
 
 def _cpu_model() -> TrainConfig:
     # the default run's U-Net (16, 32, 32), attention at 7 x 7 only: about 4 steps/s at batch 64 on 2 cores
-    # (a (16, 32) U-Net with attention at 14 x 14 ran at 1.8 steps/s, measured)
+    # (a (16, 32) U-Net with attention at 14 x 14 ran at 1.8 steps/s, measured); on the digits 0 and 1,
+    # 1200 steps give 95% recognisable MAIN pairs at g = 0.5 (600 steps: 75%; README)
     return TrainConfig(T=200, batch_size=64, steps=1200, lr=2e-3, warmup_steps=100, ema_decay=0.995, log_every=50,
-                       ckpt_every=200)
+                       ckpt_every=200, classes=(0, 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,19 +51,23 @@ class SyncSweep:
 
     **Arguments:**
 
-    - `gs`, `pairings`, `seeds`: Protocol I's grid (Table 1: g in {0, 0.3, 0.5, 0.7}, MAIN and CTRL, 4 seeds).
+    - `gs`, `pairings`, `seeds`: Protocol I's grid (Table 1: g in {0, 0.3, 0.5, 0.7}, MAIN and CTRL, 4 seeds;
+        the CPU default: g in {0, 0.3, 0.5}, one seed).
     - `train`: the base [`TrainConfig`][]; each job replaces `g`, `pairing`, `seed` (and `classes` for Protocol II).
+        Its `classes` are Protocol I's digits: the CPU default trains on the clone classes (0 and 1), so
+        that Protocol II reuses the MAIN models; [`SyncSweep.paper`][] on all ten.
     - `eval_n`, `taus`: Protocol I's evaluation batch and thresholds.
     - `intervention_g`, `intervention_sigma`, `intervention_points`: the intervention curve, at this many
         timesteps evenly over the grid (the paper: one point, t = 260 of 500, sigma = 0.25).
     - `clone_gs`, `clone_classes`, `scan_points`, `clone_n`, `clone_repeats`, `clone_steps`, `phi_star`:
         Protocol II (the paper: g in {0, 0.1, ..., 0.6}, two classes, batch 128, 5 repeats, phi* = 0.55).
+    - `clip`: the samplers bound x0-hat to `[-clip, clip]` in each step (diffusers' default; None: unbounded).
     - `classifier_steps`: training steps of the mode classifiers C_u, C_v.
     - `quality_n`: samples scored by the pair classifier per model (0: skip); `quality_classifier_steps`:
         its training steps (`evaluate_run`'s default).
     """
 
-    gs: tuple = (0.0, 0.3, 0.5, 0.7)
+    gs: tuple = (0.0, 0.3, 0.5)
     pairings: tuple = ("main", "ctrl")
     seeds: tuple = (0,)
     train: TrainConfig = dataclasses.field(default_factory=_cpu_model)
@@ -68,13 +76,14 @@ class SyncSweep:
     intervention_g: float = 0.5
     intervention_sigma: float = 0.25
     intervention_points: int = 9
-    clone_gs: tuple = (0.0, 0.3, 0.6)
+    clone_gs: tuple = (0.0, 0.3, 0.5)
     clone_classes: tuple = (0, 1)
     scan_points: int = 8
     clone_n: int = 64
     clone_repeats: int = 2
     clone_steps: int | None = 50
     phi_star: float = 0.55
+    clip: float | None = 1.0
     classifier_steps: int = 800
     quality_n: int = 128
     quality_classifier_steps: int = 2000
@@ -82,8 +91,9 @@ class SyncSweep:
     @classmethod
     def paper(cls, **overrides) -> SyncSweep:
         """The paper's scale: 4 seeds, the paper's U-Net at T = 200 and 20 epochs, Protocol II at g = 0, 0.1, ..., 0.6."""
-        kw = dict(seeds=(0, 1, 2, 3), train=TrainConfig.paper(), clone_gs=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6), clone_n=128,
-                  clone_repeats=5, clone_steps=None, scan_points=20, quality_n=256)
+        kw = dict(gs=(0.0, 0.3, 0.5, 0.7), seeds=(0, 1, 2, 3), train=TrainConfig.paper(),
+                  clone_gs=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6), clone_n=128, clone_repeats=5, clone_steps=None, scan_points=20,
+                  quality_n=256)
         return cls(**(kw | overrides))
 
     def validate(self) -> None:
@@ -101,6 +111,7 @@ class SyncSweep:
         for t in self.taus:
             check_level(t, "taus")
         check_level(self.phi_star, "phi_star")
+        _check_clip(self.clip)
         _need(len(set(self.clone_classes)) == 2 and all(_is_int(c) and 0 <= c <= 9 for c in self.clone_classes),
               f"`clone_classes` must be two different digits, got {self.clone_classes!r}.")
         _need_int(self, "eval_n", "intervention_points", "scan_points", "clone_n", "clone_repeats", "classifier_steps",
@@ -121,12 +132,25 @@ class SyncSweep:
     # ------------------------------------------------------------------ the jobs
 
     def p1_jobs(self) -> list[dict]:
-        return [dict(name=f"p1_g{g:g}_{p}_s{s}", g=float(g), pairing=p, seed=int(s), classes=None)
-                for g in self.gs for p in self.pairings for s in self.seeds]
+        """Protocol I's evaluations: one per `(g, pairing, seed)`, on the digits of `train.classes` (all: None)."""
+        classes = None if self.train.classes is None else tuple(sorted(self.train.classes))
+        return [self._job("p1", g, p, s, classes) for g in self.gs for p in self.pairings for s in self.seeds]
 
     def p2_jobs(self) -> list[dict]:
-        return [dict(name=f"p2_g{g:g}_main_c{''.join(map(str, self.clone_classes))}_s{s}", g=float(g), pairing="main",
-                     seed=int(s), classes=tuple(sorted(self.clone_classes))) for g in self.clone_gs for s in self.seeds]
+        """Protocol II's evaluations: one per `(g, seed)`, MAIN, on the two `clone_classes`."""
+        classes = tuple(sorted(self.clone_classes))
+        return [self._job("p2", g, "main", s, classes) for g in self.clone_gs for s in self.seeds]
+
+    @staticmethod
+    def _job(protocol: str, g, pairing: str, seed, classes) -> dict:
+        # the model's name says what it was trained on, so a Protocol I MAIN model on the clone classes
+        # at a coupling of both grids is trained once and evaluated by both protocols
+        model = f"g{float(g):g}_{pairing}" + ("" if classes is None else "_c" + "".join(map(str, classes))) + f"_s{int(seed)}"
+        return dict(name=f"{protocol}_{model}", model=model, g=float(g), pairing=pairing, seed=int(seed), classes=classes)
+
+    def models(self) -> list[str]:
+        """The models the sweep needs, each once, in the order they are first used."""
+        return list(dict.fromkeys(j["model"] for j in self.p1_jobs() + self.p2_jobs()))
 
     def job_config(self, job: dict) -> TrainConfig:
         return self.train.replace(g=job["g"], pairing=job["pairing"], seed=job["seed"], classes=job["classes"])
@@ -194,14 +218,15 @@ def run_sync_sweep(sweep: SyncSweep, out_dir, *, models_dir=None, progress: bool
 
 
 def _model_dir(out: Path, models_dir, job: dict) -> Path:
+    name = job["model"]
     if models_dir is None:
-        return out / "models" / job["name"]
+        return out / "models" / name
     base = Path(models_dir)
-    for cand in (base / "models" / job["name"], base / job["name"]):
+    for cand in (base / "models" / name, base / name):
         if (cand / "checkpoints").is_dir():
             return cand
-    raise FileNotFoundError(f"`models_dir` {base} holds no run for job {job['name']!r} (looked for "
-                            f"{base / 'models' / job['name']} and {base / job['name']}).")
+    raise FileNotFoundError(f"`models_dir` {base} holds no run for model {name!r} of job {job['name']!r} (looked for "
+                            f"{base / 'models' / name} and {base / name}).")
 
 
 def _run(sweep: SyncSweep, out: Path, models_dir, progress: bool, stop_after) -> dict:
@@ -232,16 +257,23 @@ def _run(sweep: SyncSweep, out: Path, models_dir, progress: bool, stop_after) ->
         return (out / "eval" / f"{name}.json").exists()
 
     def load_model(job):
+        if shared.get("model", (None,))[0] == job["model"]:  # the model the last job used (Protocol I, then II)
+            return shared["model"][1]
         d = _model_dir(out, models_dir, job)
         if models_dir is None:
-            return train(sweep.job_config(job), d, progress=progress)
-        result = load_run(d)
-        if result.config != sweep.job_config(job):
-            raise ValueError(f"the run at {d} was trained with another configuration than job {job['name']!r} needs.")
+            result = train(sweep.job_config(job), d, progress=progress)
+        else:
+            result = load_run(d)
+            if result.config != sweep.job_config(job):
+                raise ValueError(f"the run at {d} was trained with another configuration than job {job['name']!r} needs.")
+        shared["model"] = (job["model"], result)
         return result
 
     try:
-        for job in p1 + p2:
+        order = sweep.models()  # the jobs of one model one after the other: it is trained or loaded once
+        first = {}
+        for job in sorted(p1 + p2, key=lambda j: order.index(j["model"])):
+            first.setdefault(job["model"], job["name"])
             if finished(job["name"]):
                 if bar is not None:
                     bar.update(1)
@@ -252,19 +284,21 @@ def _run(sweep: SyncSweep, out: Path, models_dir, progress: bool, stop_after) ->
             eps_fn, schedule, noise = run_eps(result)
             rec = {"job": job, "config": result.config.to_json(), "step": result.step}
             if job in p1:
-                rec["protocol1"] = _p1_record(protocol1(eps_fn, schedule, noise, n=sweep.eval_n, seed=job["seed"], taus=sweep.taus),
-                                              sweep.taus)
+                rec["protocol1"] = _p1_record(protocol1(eps_fn, schedule, noise, n=sweep.eval_n, seed=job["seed"], taus=sweep.taus,
+                                                        clip=sweep.clip), sweep.taus)
                 if job["g"] == sweep.intervention_job_g() and job["seed"] == sweep.seeds[0]:
                     rec["intervention"] = intervention_curve(eps_fn, schedule, noise, t_ints=sweep.intervention_times(),
-                                                             sigma=sweep.intervention_sigma, n=sweep.eval_n, seed=job["seed"])
+                                                             sigma=sweep.intervention_sigma, n=sweep.eval_n, seed=job["seed"],
+                                                             clip=sweep.clip)
             else:
                 if "classifiers" not in shared:
                     shared["classifiers"] = _mode_classifiers(sweep)
                 clf = shared["classifiers"]
                 res = protocol2(eps_fn, schedule, noise, clf, scan_t=sweep.scan_times(), n=sweep.clone_n,
-                                repeats=sweep.clone_repeats, num_steps=sweep.clone_steps, seed=job["seed"], phi_star=sweep.phi_star)
+                                repeats=sweep.clone_repeats, num_steps=sweep.clone_steps, seed=job["seed"], phi_star=sweep.phi_star,
+                                clip=sweep.clip)
                 rec["protocol2"] = res | {"classifier_accuracy": {"u": clf["test_accuracy_u"], "v": clf["test_accuracy_v"]}}
-            if sweep.quality_n:
+            if sweep.quality_n and first[job["model"]] == job["name"]:  # once per model
                 rec["quality"] = _quality(result, sweep, shared)
             _write_json(out / "eval" / f"{job['name']}.json", rec)
             done_here += 1
@@ -345,9 +379,9 @@ def _quality(result, sweep: SyncSweep, shared: dict) -> dict:
     c = result.config.data
     key = ("pair_classifier", c.transform, c.classes, c.data_path, c.n_train)
     if key not in shared:
-        shared[key] = fit_pair_classifier(build_data(dataclasses.replace(c, pairing="main")),
-                                          steps=sweep.quality_classifier_steps, seed=0)
-    q = evaluate_run(result, sweep.quality_n, seed=0, classifier=shared[key])
+        data = build_data(dataclasses.replace(c, pairing="main"))
+        shared[key] = fit_pair_classifier(data, steps=sweep.quality_classifier_steps, batch_size=min(256, len(data)), seed=0)
+    q = evaluate_run(result, sweep.quality_n, seed=0, classifier=shared[key], clip=sweep.clip)
     return {"recognisable": q["samples"]["recognisable"], "real_recognisable": q["real"]["recognisable"],
             "class_entropy": q["samples"]["class_entropy"], "classifier_test_accuracy": q["classifier_test_accuracy"]}
 
