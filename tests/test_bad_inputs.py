@@ -141,7 +141,7 @@ def test_bad_input_is_reported_not_computed(call, expected, match, tmp_path):
 
 # one invalid value for every field of TrainConfig: a field added without validation fails here
 BAD_FIELD_VALUES = {
-    "transform": "sharpen", "pairing": "shuffled", "classes": (3, 3), "data_path": "", "n_train": 0,
+    "transform": "sharpen", "pairing": "shuffled", "classes": (3, 3), "data_path": "", "n_train": 0, "balance": "yes",
     "T": 1, "schedule": "quadratic", "g": float("nan"), "whitened_loss": "yes",
     "block_channels": (16, 0), "layers_per_block": 0, "attention": (False, True), "num_groups": 0, "attention_head_dim": 0,
     "dropout": -0.1, "bf16": 1,

@@ -166,3 +166,23 @@ def test_pair_classifier_recognises_real_pairs_and_not_noise():
         cd.pair_quality(clf, noise[..., :1])
     with pytest.raises(ValueError, match="pairing"):
         cd.fit_pair_classifier(ctrl)
+
+
+def test_balance_keeps_the_first_images_of_each_class_and_makes_two_class_ctrl_possible(tmp_path):
+    from coupled_diffusion.diffusion.build import build_data
+    from coupled_diffusion.diffusion.config import DataConfig
+
+    y = np.array([1, 0, 1, 1, 2, 0, 1, 2, 1, 0, 2, 2])  # 1: five, 0: three, 2: four
+    x = np.arange(len(y), dtype=np.float32)[:, None, None] * np.ones((1, 28, 28), np.float32) / len(y)
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    kw = dict(data_path=str(tmp_path / "d.npz"), classes=(0, 1))
+    with pytest.raises(ValueError, match=r"class 1 has 5 of 8 items.*`balance=True`"):
+        build_data(DataConfig(pairing="ctrl", **kw))
+    d = build_data(DataConfig(pairing="ctrl", balance=True, **kw))
+    # the first three 0s (positions 1, 5, 9) and the first three 1s (0, 2, 3), in file order
+    np.testing.assert_array_equal(np.asarray(d.labels), [1, 0, 1, 1, 0, 0])
+    np.testing.assert_allclose(np.asarray(d.x)[:, 0, 0], np.array([0, 1, 2, 3, 5, 9]) / len(y), rtol=1e-6)
+    a, b = d.epoch_indices(seed=0, epoch=0)
+    assert np.all(np.asarray(d.labels)[a] != np.asarray(d.labels)[b])
+    # all classes: the rarest (0, three) sets the count
+    assert np.bincount(np.asarray(build_data(DataConfig(balance=True, data_path=kw["data_path"])).labels)).tolist() == [3, 3, 3]

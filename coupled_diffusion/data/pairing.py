@@ -38,7 +38,7 @@ def class_disjoint_permutation(labels, rng: np.random.Generator, *, max_rounds: 
     if n == 0 or counts.max() * 2 > n:
         c = classes[np.argmax(counts)] if n else None
         raise ValueError(f"no class-disjoint permutation exists: class {c} has {counts.max() if n else 0} of {n} items "
-                         "(more than half). Use more classes or balance them.")
+                         "(more than half). Use more classes or balance them (`balance=True`, `--balance`: as many of each).")
     pi = rng.permutation(n)
     for _ in range(max_rounds):
         bad = np.flatnonzero(y == y[pi])

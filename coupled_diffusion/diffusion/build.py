@@ -4,6 +4,7 @@ the forward noise process, and the paired data set."""
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -39,8 +40,15 @@ def build_noise(noise: NoiseConfig) -> tuple[VPSchedule, ModeNoise]:
 
 
 def build_data(data: DataConfig) -> PairedMNIST:
-    """The paired MNIST training set: the first `n_train` images of the training split, transformed and paired."""
+    """The paired MNIST training set: the first `n_train` images of the training split (with `balance`,
+    then the first `m` of each kept class, `m` the rarest class's count), transformed and paired."""
     x, y = load_mnist("train", data.data_path)
     if data.n_train is not None:
         x, y = x[: data.n_train], y[: data.n_train]
+    if data.balance:
+        labels = np.asarray(y)
+        kept = np.unique(labels) if data.classes is None else [c for c in sorted(set(data.classes)) if np.any(labels == c)]
+        m = min(int(np.sum(labels == c)) for c in kept) if len(kept) else 0
+        idx = np.sort(np.concatenate([np.flatnonzero(labels == c)[:m] for c in kept])) if len(kept) else np.zeros(0, int)
+        x, y = x[idx], y[idx]
     return PairedMNIST(x, y, transform=data.transform, pairing=data.pairing, classes=data.classes)

