@@ -55,7 +55,8 @@ def _is_abandoned_read(unraisable) -> bool:
 def _quiet_abandoned_reads() -> None:
     """Once a read of a damaged checkpoint has failed, the reads it left in flight report "Event loop is closed"
     through `sys.unraisablehook`, later and from TensorStore's threads: a raw traceback after the clear error.
-    Chain a filter for exactly that report in front of the hook (installed once, on the first failure)."""
+    Chain a filter for exactly that report in front of the hook (installed once, before the first read,
+    and again if the hook has been replaced since)."""
     import sys
 
     if getattr(sys.unraisablehook, "_coupled_diffusion", False):
@@ -121,10 +122,12 @@ class Checkpoints:
         return self._manager.restore(step, args=args.Composite(state=args.StandardRestore(abstract)))["state"]
 
     def _readable(self, step: int, read):
+        # the filter goes in before the read: orbax closes its loop before the failure reaches us, and an
+        # abandoned read can report in between (seen once in a test run when it went in after the failure)
+        _quiet_abandoned_reads()
         try:
             return read()
         except Exception as e:  # a damaged folder raises whatever orbax, TensorStore or json meet first
-            _quiet_abandoned_reads()
             raise CorruptCheckpointError(f"checkpoint {self.directory / str(step)} cannot be read "
                                          f"({type(e).__name__}: {str(e)[:300]})") from e
 
