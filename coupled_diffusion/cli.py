@@ -335,7 +335,8 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
     p = command("mnist-sync", "Section 5: Protocols I and II over trained models (resumable sweep): Table 1 and summary")
     p.add_argument("--out", default="runs/mnist-sync", help="sweep directory: models/, eval/, table1.md, summary.json")
-    p.add_argument("--paper", action="store_true", help="the paper's scale (4 seeds, 20 epochs, T = 200; an accelerator)")
+    p.add_argument("--paper", action="store_true",
+                   help="the paper's scale (4 seeds, 20 epochs, T = 200, the T = 500 and batch-64 checks; an accelerator)")
     p.add_argument("--models", help="evaluate the runs in this folder (models/<job>/ or <job>/) instead of training")
     p.add_argument("--gs", type=_list_of(float, "couplings in [0, 1)"),
                    help="Protocol I couplings (default 0,0.3,0.5; --paper 0,0.3,0.5,0.7)")

@@ -98,6 +98,8 @@ def test_a_minimal_sweep_writes_the_table_and_the_summary(tmp_path, capsys):
     pytest.param(dict(clone_classes=(3, 3)), r"`clone_classes` must be two different digits", id="classes"),
     pytest.param(dict(scan_points=0), r"`scan_points` must be an integer >= 1", id="scan-points"),
     pytest.param(dict(clip=-1.0), r"`clip` must be None \(no bound\) or a finite number > 0", id="clip"),
+    pytest.param(dict(robust_gs=(1.0,)), r"`robust_gs` must be couplings g in \[0, 1\)", id="robust-g"),
+    pytest.param(dict(robust_T=1), r"`robust_T` must be None or an integer >= 2", id="robust-T"),
 ])
 def test_bad_sweep_settings_name_the_parameter(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -114,7 +116,7 @@ def test_the_protocols_share_a_model_trained_on_the_clone_classes():
         assert (c.g, c.pairing, c.seed, c.classes) == (job["g"], job["pairing"], job["seed"], (0, 1))
     # the paper: Protocol I on all digits, Protocol II's two-class models apart: 4 x 2 x 4 + 7 x 4
     paper = SyncSweep.paper()
-    assert len(paper.models()) == 32 + 28 and paper.job_config(paper.p1_jobs()[0]).classes is None
+    assert len(paper.models()) == 32 + 28 + 16 and paper.job_config(paper.p1_jobs()[0]).classes is None  # + T = 500 at 0.3, 0.5
     assert paper.p2_jobs()[0]["model"] == "g0_main_c01_s0" and paper.p1_jobs()[0]["model"] == "g0_main_s0"
 
 
@@ -149,7 +151,7 @@ def test_the_table_summary_and_figures_from_evaluations(tmp_path):
     from coupled_diffusion.experiments.mnist_sync import intervention_curve, protocol1, protocol2
     from coupled_diffusion.experiments.sync_sweep import _p1_record, _write_json, _write_table, summarize_sweep, write_figures
 
-    sweep = _sweep(tmp_path, gs=(0.5,), pairings=("main", "ctrl"), clone_gs=(0.5,))
+    sweep = _sweep(tmp_path, gs=(0.5,), pairings=("main", "ctrl"), clone_gs=(0.5,), robust_gs=(0.5,), robust_T=40, robust_eval_n=3)
     rng = np.random.default_rng(0)
     protos = jnp.asarray(rng.uniform(-1, 1, (2, 28, 28, 2)).astype(np.float32))
     sched, noise = cd.VPSchedule.linear(20), cd.ModeNoise.paired(0.5)
@@ -163,6 +165,17 @@ def test_the_table_summary_and_figures_from_evaluations(tmp_path):
     job = sweep.p2_jobs()[0]
     p2 = protocol2(eps, sched, noise, clf, scan_t=sweep.scan_times(), n=4, seed=0) | {"classifier_accuracy": {"u": 1.0, "v": 1.0}}
     _write_json(tmp_path / "eval" / f"{job['name']}.json", {"job": job, "protocol2": p2})
+    # the robustness checks: a T = 40 model and a batch-3 evaluation per pairing, with hand-set gaps
+    robust = sweep.robust_jobs()
+    assert [(j["name"], j["T"], j["eval_n"]) for j in robust] == [
+        ("p1T40_g0.5_main_T40_s0", 40, 2), ("p1n3_g0.5_main_s0", 20, 3), ("p1T40_g0.5_ctrl_T40_s0", 40, 2),
+        ("p1n3_g0.5_ctrl_s0", 20, 3)]
+    assert sweep.job_config(robust[0]).T == 40 and robust[1]["model"] == sweep.p1_jobs()[0]["model"]  # same model, bigger batch
+    base = json.loads((tmp_path / "eval" / f"{sweep.p1_jobs()[0]['name']}.json").read_text())["protocol1"]
+    for i, job in enumerate(robust):
+        crossed = {"time": 10.0, "status": "crossed", "bound": None}
+        gaps = {f"{tau:g}": {"gap": -float(i + 1), "t_u": crossed, "t_v": crossed} for tau in sweep.taus}
+        _write_json(tmp_path / "eval" / f"{job['name']}.json", {"job": job, "protocol1": base | {"gaps": gaps}})
     _write_json(tmp_path / "summary.json", summarize_sweep(sweep, tmp_path))
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["complete"] and [r["pairing"] for r in summary["table1"]] == ["main", "ctrl"]
@@ -171,6 +184,10 @@ def test_the_table_summary_and_figures_from_evaluations(tmp_path):
     _write_table(tmp_path, summary)
     md = (tmp_path / "table1.md").read_text().splitlines()
     assert md[0] == "| g | pairing | Delta t(0.9) | Delta t(0.95) | Delta t(0.98) |" and md[2].startswith("| 0.5 | MAIN |")
+    rows = [(r["pairing"], r["T"], r["eval_n"], r["0.95"]["mean"]) for r in summary["robustness"]]
+    assert rows == [("main", 40, 2, -1.0), ("ctrl", 40, 2, -3.0), ("main", 20, 3, -2.0), ("ctrl", 20, 3, -4.0)]
+    assert "| 0.5 | CTRL | 20 | 3 | -4.0 | -4.0 | -4.0 |" in md
+    assert set(summary["protocol1"]) == {j["name"] for j in sweep.p1_jobs()}  # the figures' curves: Protocol I's own
     names = {p.name for p in write_figures(summary, tmp_path, sweep)}
     assert names == {f"figure{i}.png" for i in ("6", "7", "8", "9", "10", "11a", "11b")}
 

@@ -63,6 +63,11 @@ class SyncSweep:
     - `clone_gs`, `clone_classes`, `scan_points`, `clone_n`, `clone_repeats`, `clone_steps`, `phi_star`:
         Protocol II (the paper: g in {0, 0.1, ..., 0.6}, two classes, batch 128, 5 repeats, phi* = 0.55).
     - `clip`: the samplers bound x0-hat to `[-clip, clip]` in each step (diffusers' default; None: unbounded).
+    - `robust_gs`, `robust_T`, `robust_eval_n`: the paper's two robustness checks of Protocol I, at each g
+        of `robust_gs` (MAIN and CTRL, every seed): models trained with the longer horizon `robust_T`
+        (the paper: T = 500 at g = 0.3 and 0.5), and the Protocol I models evaluated again with the
+        larger batch `robust_eval_n` (the paper does not say how large). None skips either; the CPU
+        default has no `robust_gs`, [`SyncSweep.paper`][] has (0.3, 0.5).
     - `classifier_steps`: training steps of the mode classifiers C_u, C_v.
     - `quality_n`: samples scored by the pair classifier per model (0: skip); `quality_classifier_steps`:
         its training steps (`evaluate_run`'s default).
@@ -85,6 +90,9 @@ class SyncSweep:
     clone_steps: int | None = 50
     phi_star: float = 0.55
     clip: float | None = 1.0
+    robust_gs: tuple = ()
+    robust_T: int | None = 500
+    robust_eval_n: int | None = 64
     classifier_steps: int = 800
     quality_n: int = 128
     quality_classifier_steps: int = 2000
@@ -94,7 +102,7 @@ class SyncSweep:
         """The paper's scale: 4 seeds, the paper's U-Net at T = 200 and 20 epochs, Protocol II at g = 0, 0.1, ..., 0.6."""
         kw = dict(gs=(0.0, 0.3, 0.5, 0.7), seeds=(0, 1, 2, 3), train=TrainConfig.paper(),
                   clone_gs=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6), clone_n=128, clone_repeats=5, clone_steps=None, scan_points=20,
-                  quality_n=256)
+                  quality_n=256, robust_gs=(0.3, 0.5))
         return cls(**(kw | overrides))
 
     def validate(self) -> None:
@@ -118,6 +126,12 @@ class SyncSweep:
         _need_int(self, "eval_n", "intervention_points", "scan_points", "clone_n", "clone_repeats", "classifier_steps",
                   "quality_classifier_steps")
         _need_int(self, "quality_n", least=0)
+        _need(all(_is_real(g) and 0 <= g < 1 for g in self.robust_gs),
+              f"`robust_gs` must be couplings g in [0, 1), got {self.robust_gs!r}.")
+        _need(self.robust_T is None or (_is_int(self.robust_T) and self.robust_T >= 2),
+              f"`robust_T` must be None or an integer >= 2, got {self.robust_T!r}.")
+        _need(self.robust_eval_n is None or (_is_int(self.robust_eval_n) and self.robust_eval_n >= 1),
+              f"`robust_eval_n` must be None or an integer >= 1, got {self.robust_eval_n!r}.")
         self.train.validate()
 
     def to_json(self) -> dict:
@@ -142,19 +156,38 @@ class SyncSweep:
         classes = tuple(sorted(self.clone_classes))
         return [self._job("p2", g, "main", s, classes) for g in self.clone_gs for s in self.seeds]
 
-    @staticmethod
-    def _job(protocol: str, g, pairing: str, seed, classes) -> dict:
+    def robust_jobs(self) -> list[dict]:
+        """The robustness checks of Protocol I: a `robust_T` model and a `robust_eval_n` evaluation per
+        `(g, pairing, seed)` over `robust_gs x pairings x seeds`."""
+        classes = None if self.train.classes is None else tuple(sorted(self.train.classes))
+        jobs = []
+        for g in self.robust_gs:
+            for p in self.pairings:
+                for s in self.seeds:
+                    if self.robust_T is not None:
+                        jobs.append(self._job(f"p1T{self.robust_T}", g, p, s, classes, T=self.robust_T))
+                    if self.robust_eval_n is not None:
+                        jobs.append(self._job(f"p1n{self.robust_eval_n}", g, p, s, classes, eval_n=self.robust_eval_n))
+        return jobs
+
+    def jobs(self) -> list[dict]:
+        """Every evaluation of the sweep: Protocol I, Protocol II, the robustness checks."""
+        return self.p1_jobs() + self.p2_jobs() + self.robust_jobs()
+
+    def _job(self, protocol: str, g, pairing: str, seed, classes, *, T: int | None = None, eval_n: int | None = None) -> dict:
         # the model's name says what it was trained on, so a Protocol I MAIN model on the clone classes
         # at a coupling of both grids is trained once and evaluated by both protocols
-        model = f"g{float(g):g}_{pairing}" + ("" if classes is None else "_c" + "".join(map(str, classes))) + f"_s{int(seed)}"
-        return dict(name=f"{protocol}_{model}", model=model, g=float(g), pairing=pairing, seed=int(seed), classes=classes)
+        model = f"g{float(g):g}_{pairing}" + ("" if classes is None else "_c" + "".join(map(str, classes)))
+        model += ("" if T is None else f"_T{T}") + f"_s{int(seed)}"
+        return dict(name=f"{protocol}_{model}", model=model, g=float(g), pairing=pairing, seed=int(seed), classes=classes,
+                    T=int(T or self.train.T), eval_n=int(eval_n or self.eval_n))
 
     def models(self) -> list[str]:
         """The models the sweep needs, each once, in the order they are first used."""
-        return list(dict.fromkeys(j["model"] for j in self.p1_jobs() + self.p2_jobs()))
+        return list(dict.fromkeys(j["model"] for j in self.jobs()))
 
     def job_config(self, job: dict) -> TrainConfig:
-        return self.train.replace(g=job["g"], pairing=job["pairing"], seed=job["seed"], classes=job["classes"])
+        return self.train.replace(g=job["g"], pairing=job["pairing"], seed=job["seed"], classes=job["classes"], T=job["T"])
 
     def intervention_job_g(self) -> float:
         """The coupling of the Protocol I models that get the intervention curve: the one of `gs` nearest `intervention_g`."""
@@ -242,15 +275,15 @@ def _run(sweep: SyncSweep, out: Path, models_dir, progress: bool, stop_after) ->
     else:
         _write_json(cfg_file, sweep.to_json())
     if models_dir is not None:  # every run must exist before any work
-        for job in sweep.p1_jobs() + sweep.p2_jobs():
+        for job in sweep.jobs():
             _model_dir(out, models_dir, job)
 
-    p1, p2 = sweep.p1_jobs(), sweep.p2_jobs()
+    p1, p2, everything = sweep.p1_jobs(), sweep.p2_jobs(), sweep.jobs()
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(p1) + len(p2), desc="mnist-sync (jobs)", unit="job")
+        bar = tqdm(total=len(everything), desc="mnist-sync (jobs)", unit="job")
     done_here = 0
     shared: dict = {}
 
@@ -273,7 +306,7 @@ def _run(sweep: SyncSweep, out: Path, models_dir, progress: bool, stop_after) ->
     try:
         order = sweep.models()  # the jobs of one model one after the other: it is trained or loaded once
         first = {}
-        for job in sorted(p1 + p2, key=lambda j: order.index(j["model"])):
+        for job in sorted(everything, key=lambda j: order.index(j["model"])):
             first.setdefault(job["model"], job["name"])
             if finished(job["name"]):
                 if bar is not None:
@@ -284,14 +317,15 @@ def _run(sweep: SyncSweep, out: Path, models_dir, progress: bool, stop_after) ->
             result = load_model(job)
             eps_fn, schedule, noise = run_eps(result)
             rec = {"job": job, "config": result.config.to_json(), "step": result.step}
-            if job in p1:
-                rec["protocol1"] = _p1_record(protocol1(eps_fn, schedule, noise, n=sweep.eval_n, seed=job["seed"], taus=sweep.taus,
+            if job not in p2:  # Protocol I and its robustness checks
+                rec["protocol1"] = _p1_record(protocol1(eps_fn, schedule, noise, n=job["eval_n"], seed=job["seed"], taus=sweep.taus,
                                                         clip=sweep.clip), sweep.taus)
+            if job in p1:
                 if job["g"] == sweep.intervention_job_g() and job["seed"] == sweep.seeds[0]:
                     rec["intervention"] = intervention_curve(eps_fn, schedule, noise, t_ints=sweep.intervention_times(),
                                                              sigma=sweep.intervention_sigma, n=sweep.eval_n, seed=job["seed"],
                                                              clip=sweep.clip)
-            else:
+            if job in p2:
                 if "classifiers" not in shared:
                     shared["classifiers"] = _mode_classifiers(sweep)
                 clf = shared["classifiers"]
@@ -389,51 +423,68 @@ def _quality(result, sweep: SyncSweep, shared: dict) -> dict:
 
 def summarize_sweep(sweep: SyncSweep, out) -> dict:
     """Table 1 (mean and sd of the gaps over seeds, with the number of seeds in which both modes
-    crossed), the intervention curves, Protocol II's speciation times and the sample quality,
-    from the evaluations present in `<out>/eval/`."""
+    crossed), its robustness rows (`T`, `eval_n`), the intervention curves, Protocol II's
+    speciation times and the sample quality, from the evaluations present in `<out>/eval/`."""
     out = Path(out)
     evals = {p.stem: json.loads(p.read_text()) for p in sorted((out / "eval").glob("*.json"))}
-    table = []
-    for g in sweep.gs:
-        for pairing in sweep.pairings:
-            row = {"g": g, "pairing": pairing}
-            recs = [evals[j["name"]] for j in sweep.p1_jobs() if j["g"] == g and j["pairing"] == pairing and j["name"] in evals]
-            for tau in sweep.taus:
-                cells = [r["protocol1"]["gaps"][f"{tau:g}"] for r in recs]
-                got = [c["gap"] for c in cells if c["gap"] is not None]
-                statuses = [c[m]["status"] for c in cells for m in ("t_u", "t_v") if c[m]["status"] != "crossed"]
-                row[f"{tau:g}"] = {"mean": float(np.mean(got)) if got else None,
+
+    def row(jobs, g, pairing, **extra):
+        recs = [evals[j["name"]] for j in jobs if j["g"] == g and j["pairing"] == pairing and j["name"] in evals]
+        out_row = {"g": g, "pairing": pairing} | extra
+        for tau in sweep.taus:
+            cells = [r["protocol1"]["gaps"][f"{tau:g}"] for r in recs]
+            got = [c["gap"] for c in cells if c["gap"] is not None]
+            statuses = [c[m]["status"] for c in cells for m in ("t_u", "t_v") if c[m]["status"] != "crossed"]
+            out_row[f"{tau:g}"] = {"mean": float(np.mean(got)) if got else None,
                                    "sd": float(np.std(got, ddof=1)) if len(got) > 1 else None,
                                    "n_crossed": len(got), "n_seeds": len(recs),
                                    "not_crossed": {s: statuses.count(s) for s in sorted(set(statuses))}}
-            table.append(row)
+        return out_row
+
+    table = [row(sweep.p1_jobs(), g, p) for g in sweep.gs for p in sweep.pairings]
+    robust = sweep.robust_jobs()
+    robustness = [row([j for j in robust if j["name"].startswith(kind)], g, p, T=T, eval_n=n)
+                  for kind, T, n in ((f"p1T{sweep.robust_T}_", sweep.robust_T, sweep.eval_n),
+                                     (f"p1n{sweep.robust_eval_n}_", sweep.train.T, sweep.robust_eval_n))
+                  if any(j["name"].startswith(kind) for j in robust)
+                  for g in sweep.robust_gs for p in sweep.pairings]
     interventions = {e["job"]["pairing"]: e["intervention"] for e in evals.values() if "intervention" in e}
     clones = [{"g": e["job"]["g"], "seed": e["job"]["seed"]} | {k: e["protocol2"][k] for k in (
         "t", "t_spec_u", "t_spec_v", "t_spec_u_band", "t_spec_v_band", "gap", "ex_u", "ex_v", "phi_indep_u", "phi_indep_v",
         "n_pairs", "classifier_accuracy")} for e in evals.values() if "protocol2" in e]
     curves = {name: {"g": e["job"]["g"], "pairing": e["job"]["pairing"], "seed": e["job"]["seed"]}
               | {k: e["protocol1"][k] for k in ("t", "cos_u", "cos_v", "c_a", "c_b", "ghosting", "trajectory")}
-              for name, e in evals.items() if "protocol1" in e}
+              for name, e in evals.items() if name in {j["name"] for j in sweep.p1_jobs()}}
     quality = {name: e["quality"] for name, e in evals.items() if "quality" in e}
-    jobs = [j["name"] for j in sweep.p1_jobs() + sweep.p2_jobs()]
-    return {"table1": table, "intervention": interventions, "protocol2": clones, "quality": quality, "protocol1": curves,
-            "complete": all(j in evals for j in jobs), "missing": [j for j in jobs if j not in evals]}
+    jobs = [j["name"] for j in sweep.jobs()]
+    return {"table1": table, "robustness": robustness, "intervention": interventions, "protocol2": clones, "quality": quality,
+            "protocol1": curves, "complete": all(j in evals for j in jobs), "missing": [j for j in jobs if j not in evals]}
 
 
 def _write_table(out: Path, summary: dict) -> None:
-    _write_json(out / "table1.json", summary["table1"])
-    taus = [k for k in summary["table1"][0] if k not in ("g", "pairing")] if summary["table1"] else []
-    lines = ["| g | pairing | " + " | ".join(f"Delta t({t})" for t in taus) + " |", "|---|---|" + "---|" * len(taus)]
-    for row in summary["table1"]:
-        cells = []
+    _write_json(out / "table1.json", summary["table1"])  # the robustness rows are in summary.json
+    rows = summary["table1"]
+    taus = [k for k in rows[0] if k not in ("g", "pairing")] if rows else []
+
+    def cells(row):
+        got = []
         for t in taus:
             c = row[t]
             why = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in c.get("not_crossed", {}).items())
             if c["mean"] is None:
-                cells.append(f"no gap in {c['n_seeds']} seed(s): {why}")
+                got.append(f"no gap in {c['n_seeds']} seed(s): {why}")
             else:
                 sd = f" +- {c['sd']:.1f}" if c["sd"] is not None else ""
-                cells.append(f"{c['mean']:.1f}{sd}" + ("" if c["n_crossed"] == c["n_seeds"] else
-                                                       f" ({c['n_crossed']} of {c['n_seeds']} seeds; {why})"))
-        lines.append(f"| {row['g']:g} | {row['pairing'].upper()} | " + " | ".join(cells) + " |")
+                got.append(f"{c['mean']:.1f}{sd}" + ("" if c["n_crossed"] == c["n_seeds"] else
+                                                     f" ({c['n_crossed']} of {c['n_seeds']} seeds; {why})"))
+        return " | ".join(got)
+
+    head = " | ".join(f"Delta t({t})" for t in taus)
+    lines = [f"| g | pairing | {head} |", "|---|---|" + "---|" * len(taus)]
+    lines += [f"| {row['g']:g} | {row['pairing'].upper()} | {cells(row)} |" for row in rows]
+    if summary.get("robustness"):
+        lines += ["", "Robustness (Protocol I with a longer horizon T, or a larger evaluation batch):", "",
+                  f"| g | pairing | T | batch | {head} |", "|---|---|---|---|" + "---|" * len(taus)]
+        lines += [f"| {row['g']:g} | {row['pairing'].upper()} | {row['T']} | {row['eval_n']} | {cells(row)} |"
+                  for row in summary["robustness"]]
     (out / "table1.md").write_text("\n".join(lines) + "\n")
