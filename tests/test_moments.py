@@ -18,11 +18,12 @@ def _random_stable(k, rng):
 @pytest.mark.parametrize("method", ["series", "van_loan"])
 def test_transition_matches_scipy(k, method):
     rng = np.random.default_rng(k)
+    transition = jax.jit(lambda M, sw2, t: cd.transition(M, sw2, t, method=method))  # one compile, not op by op per call
     for _ in range(3):
         M = _random_stable(k, rng)
         sw2 = rng.uniform(0.5, 3.0)
         for t in [1e-6, 0.05, 0.7, 3.0, 12.0]:
-            E, Q = cd.transition(jnp.asarray(M), sw2, t, method=method)
+            E, Q = transition(jnp.asarray(M), jnp.float64(sw2), jnp.float64(t))
             Er, Qr = ref.E_Q(M, sw2, t)
             np.testing.assert_allclose(E, Er, rtol=1e-8, atol=1e-12 * np.abs(Er).max())
             np.testing.assert_allclose(Q, Qr, rtol=1e-8, atol=1e-10 * np.abs(Qr).max())
