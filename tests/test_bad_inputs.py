@@ -32,8 +32,13 @@ def _step(which="ddpm", t=5, t_prev=4, eps=None, draw=None, **kw):
     sched, z = cd.VPSchedule.linear(200), jnp.zeros((2, 4, 4, 2))
     eps, draw = z if eps is None else eps, z if draw is None else draw
     if which == "ddpm":
-        return cd.ddpm_step(sched, z, eps, jnp.asarray(t), jnp.asarray(t_prev), draw)
+        return cd.ddpm_step(sched, z, eps, jnp.asarray(t), jnp.asarray(t_prev), draw, **kw)
     return cd.ddim_step(sched, z, eps, jnp.asarray(t), jnp.asarray(t_prev), **kw)
+
+
+def _sample(**kw):
+    sched, noise = cd.VPSchedule.linear(20), cd.ModeNoise.paired(0.3)
+    return cd.sample(lambda z, t: z, sched, noise, jax.random.key(0), jnp.zeros((2, 4, 4, 2)), num_steps=4, **kw)
 
 
 def _jitted_step(t):
@@ -110,6 +115,9 @@ CASES = [
     ("ddim-float-timestep", lambda p: _step("ddim", t=5.0, t_prev=4.0), ValueError, r"`t` must hold integer timesteps"),
     ("ddim-t-prev-above-t", lambda p: _step("ddim", t=5, t_prev=7), ValueError, r"`t_prev` must be below `t`"),
     ("ddim-negative-eta", lambda p: _step("ddim", eta=-0.1), ValueError, r"`eta` must be a concrete scalar >= 0"),
+    ("ddpm-clip-negative", lambda p: _step(clip=-1.0), ValueError, r"`clip` must be None \(no bound\) or a finite number > 0"),
+    ("ddim-clip-nan", lambda p: _step("ddim", clip=float("nan")), ValueError, r"`clip` must be None \(no bound\) or a finite number > 0"),
+    ("sample-clip-zero", lambda p: _sample(clip=0.0), ValueError, r"`clip` must be None \(no bound\) or a finite number > 0"),
     ("vp-schedule-barely-noised", lambda p: cd.VPSchedule.linear(200, beta_start=1e-4, beta_end=1e-3), UserWarning,
      r"terminal_signal = .* = 0\.9"),
     # data

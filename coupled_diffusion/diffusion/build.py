@@ -48,7 +48,9 @@ def build_data(data: DataConfig) -> PairedMNIST:
     if data.balance:
         labels = np.asarray(y)
         kept = np.unique(labels) if data.classes is None else [c for c in sorted(set(data.classes)) if np.any(labels == c)]
-        m = min(int(np.sum(labels == c)) for c in kept) if len(kept) else 0
-        idx = np.sort(np.concatenate([np.flatnonzero(labels == c)[:m] for c in kept])) if len(kept) else np.zeros(0, int)
-        x, y = x[idx], y[idx]
+        per_class = [np.flatnonzero(labels == c) for c in kept]
+        if per_class:  # none kept: PairedMNIST names the missing classes
+            m = min(map(len, per_class))
+            idx = np.sort(np.concatenate([i[:m] for i in per_class]))
+            x, y = x[idx], y[idx]
     return PairedMNIST(x, y, transform=data.transform, pairing=data.pairing, classes=data.classes)

@@ -64,6 +64,19 @@ def _check_step(schedule: VPSchedule, z_t, eps_hat, t, t_prev, noise_draw):
     return z_t
 
 
+def check_clip(clip) -> float | None:
+    """`clip` as a float, or None; a `ValueError` unless it is None or a finite Python number > 0.
+
+    The bound is static (it selects the compiled step), so a traced value is refused too.
+    """
+    if clip is None:
+        return None
+    if isinstance(clip, bool) or not isinstance(clip, int | float | np.integer | np.floating) or not (np.isfinite(clip) and clip > 0):
+        raise ValueError("`clip` must be None (no bound) or a finite number > 0 (x0-hat bounded to "
+                         f"[-clip, clip]), got {clip!r}.")
+    return float(clip)
+
+
 def _check_eta(eta) -> None:
     e = concrete(eta)
     if e is None or not (e.ndim == 0 and e >= 0):
@@ -81,7 +94,7 @@ def ddpm_step(schedule: VPSchedule, z_t, eps_hat, t, t_prev, noise_draw, *, clip
     `noise_draw` must have `z_t`'s shape (a draw of one state is not broadcast over a batch).
     """
     z_t = _check_step(schedule, z_t, eps_hat, t, t_prev, noise_draw)
-    return _ddpm_step(schedule, z_t, eps_hat, t, t_prev, noise_draw, clip)
+    return _ddpm_step(schedule, z_t, eps_hat, t, t_prev, noise_draw, check_clip(clip))
 
 
 def _ddpm_step(schedule, z_t, eps_hat, t, t_prev, noise_draw, clip):
@@ -110,7 +123,7 @@ def ddim_step(schedule: VPSchedule, z_t, eps_hat, t, t_prev, noise_draw=None, *,
     _check_eta(eta)
     if eta > 0 and noise_draw is None:
         raise ValueError("`eta > 0` needs a `noise_draw`.")
-    return _ddim_step(schedule, z_t, eps_hat, t, t_prev, noise_draw, eta, clip)
+    return _ddim_step(schedule, z_t, eps_hat, t, t_prev, noise_draw, eta, check_clip(clip))
 
 
 def _ddim_step(schedule, z_t, eps_hat, t, t_prev, noise_draw, eta, clip):
@@ -214,6 +227,7 @@ def sample(eps_fn, schedule: VPSchedule, noise: ModeNoise, key, z_start: Float[A
     if z_start.ndim < 2 or z_start.shape[-1] != noise.k:
         raise ValueError(f"`z_start` must be (B, ..., k) with k = {noise.k} channels, got shape {z_start.shape}.")
     _check_eta(eta)
+    clip = check_clip(clip)
     if intervention is not None:
         sig = concrete(intervention.sigma)
         if not (0 <= intervention.mode < noise.k) or (sig is not None and not (sig.ndim == 0 and sig >= 0)):

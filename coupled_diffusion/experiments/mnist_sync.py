@@ -27,7 +27,7 @@ from flax import nnx
 
 from ..diffusion.build import build_noise
 from ..diffusion.noise import ModeNoise, VPSchedule
-from ..diffusion.samplers import Intervention, NNXEps, sample, timesteps
+from ..diffusion.samplers import Intervention, NNXEps, check_clip, sample, timesteps
 from ..diffusion.sync import (
     Crossing,
     check_level,
@@ -46,12 +46,6 @@ TAUS = (0.90, 0.95, 0.98)  # the paper's thresholds (Table 1)
 # schedulers do by default (`clip_sample=True`): unbounded, a two-class model of 1200 steps gave 17%
 # recognisable DDPM samples and 4% DDIM ones, against 95% and 82% bounded (README)
 CLIP = 1.0
-
-
-def _check_clip(clip):
-    if clip is not None and not (isinstance(clip, int | float | np.integer | np.floating) and np.isfinite(clip) and clip > 0):
-        raise ValueError(f"`clip` must be None (no bound) or a finite number > 0 (x0-hat bounded to [-clip, clip]), got {clip!r}.")
-    return None if clip is None else float(clip)
 
 
 def run_eps(result, *, ema: bool = True):
@@ -106,7 +100,7 @@ def protocol1(eps_fn, schedule: VPSchedule, noise: ModeNoise, *, n: int = 16, nu
     z_start, key = _start(noise, n, seed)
     ts = timesteps(schedule.T, num_steps)
     out = sample(eps_fn, schedule, noise, key, z_start, method="ddim", eta=0.0, num_steps=len(ts), log_at=tuple(int(t) for t in ts),
-                 clip=_check_clip(clip))
+                 clip=check_clip(clip))
     x0 = np.asarray(out.x0_log, np.float64)  # (L, B, H, W, 2), logged in reverse order (decreasing t)
     modes = np.asarray(noise.to_modes(jnp.asarray(x0)), np.float64)
     t = np.asarray(out.log_t)
@@ -160,7 +154,7 @@ def intervention_curve(eps_fn, schedule: VPSchedule, noise: ModeNoise, *, t_ints
     t_ints = _on_grid(t_ints, ts, "`t_ints` must be a non-empty list")
     if not (float(sigma) >= 0):
         raise ValueError(f"`sigma` must be >= 0, got {sigma!r}.")
-    clip = _check_clip(clip)
+    clip = check_clip(clip)
     z_start, key = _start(noise, n, seed)
     base = _final_modes(eps_fn, schedule, noise, key, z_start, len(ts), clip)
     out = []
@@ -297,7 +291,7 @@ def protocol2(eps_fn, schedule: VPSchedule, noise: ModeNoise, classifiers: dict,
     if not (isinstance(repeats, int | np.integer) and repeats >= 1):
         raise ValueError(f"`repeats` must be a positive integer, got {repeats!r}.")
     check_level(phi_star, "phi_star")
-    run = dict(method="ddpm", num_steps=len(ts), clip=_check_clip(clip))
+    run = dict(method="ddpm", num_steps=len(ts), clip=check_clip(clip))
     agree = np.zeros((2, len(scan)), np.int64)
     indep = np.zeros(2, np.int64)
     for r in range(int(repeats)):

@@ -30,10 +30,10 @@ import numpy as np
 
 from .._runlock import RunLock
 from ..diffusion.config import TrainConfig, _is_int, _is_real, _need, _need_int, _need_real
-from ..diffusion.samplers import timesteps
+from ..diffusion.samplers import check_clip, timesteps
 from ..diffusion.sync import check_level
 from ..diffusion.train import load_run, train
-from .mnist_sync import TAUS, _check_clip, fit_mode_classifiers, intervention_curve, protocol1, protocol2, run_eps
+from .mnist_sync import TAUS, fit_mode_classifiers, intervention_curve, protocol1, protocol2, run_eps
 
 
 def _cpu_model() -> TrainConfig:
@@ -120,7 +120,7 @@ class SyncSweep:
         for t in self.taus:
             check_level(t, "taus")
         check_level(self.phi_star, "phi_star")
-        _check_clip(self.clip)
+        check_clip(self.clip)
         _need(len(set(self.clone_classes)) == 2 and all(_is_int(c) and 0 <= c <= 9 for c in self.clone_classes),
               f"`clone_classes` must be two different digits, got {self.clone_classes!r}.")
         _need_int(self, "eval_n", "intervention_points", "scan_points", "clone_n", "clone_repeats", "classifier_steps",
