@@ -100,6 +100,20 @@ def upsample_conv(h, conv: nnx.Conv):
     return y.reshape(bsz, 2 * hh, 2 * ww, c)
 
 
+def _channel_sums(*arrays):
+    """Per-channel sums over the positions of (B, P, C) arrays, each as (B, 1, C).
+
+    The positions are folded into the lanes first, (B, P / r, r C) with r C about 128, so that
+    XLA:CPU reduces over a wide contiguous axis rather than a 16- or 32-wide one (1.1-1.4x
+    faster group norms at 28 x 28 on this project's CPU), then the r copies of each channel
+    are added."""
+    b, p, c = arrays[0].shape
+    r = max(1, 128 // c)
+    while p % r:
+        r //= 2
+    return tuple(a.reshape(b, p // r, r * c).sum(1).reshape(b, r, c).sum(1)[:, None, :] for a in arrays)
+
+
 def _group_mean(s, groups, n):
     """(B, 1, C) per-channel sums -> the mean over each group of channels (and the n positions), per channel."""
     b, c = s.shape[0], s.shape[-1]
@@ -121,8 +135,8 @@ def _group_norm_fwd(x, scale, bias, groups, eps):
     b, c = x.shape[0], x.shape[-1]
     xr = x.reshape(b, -1, c)
     n = xr.shape[1] * (c // groups)
-    mean = _group_mean(xr.sum(1, keepdims=True), groups, n)
-    mean_sq = _group_mean(jnp.square(xr).sum(1, keepdims=True), groups, n)
+    s, s2 = _channel_sums(xr, jnp.square(xr))
+    mean, mean_sq = _group_mean(s, groups, n), _group_mean(s2, groups, n)
     rstd = jax.lax.rsqrt(jnp.maximum(mean_sq - jnp.square(mean), 0.0) + eps)
     a = scale * rstd
     y = xr * a + (bias - mean * a)
@@ -134,8 +148,8 @@ def _group_norm_bwd(groups, eps, res, dy):
     b, c = x.shape[0], x.shape[-1]
     xr, dyr = x.reshape(b, -1, c), dy.reshape(b, -1, c)
     n = xr.shape[1] * (c // groups)
-    sum_dy = dyr.sum(1, keepdims=True)                                      # (B, 1, C)
-    sum_dy_xhat = ((dyr * xr).sum(1, keepdims=True) - mean * sum_dy) * rstd
+    sum_dy, sum_dy_x = _channel_sums(dyr, dyr * xr)                         # (B, 1, C)
+    sum_dy_xhat = (sum_dy_x - mean * sum_dy) * rstd
     m_dy = _group_mean(scale * sum_dy, groups, n)                           # group mean of scale * dy
     m_dy_xhat = _group_mean(scale * sum_dy_xhat, groups, n)                 # ... of scale * dy * xhat
     dx = dyr * (scale * rstd) - xr * (rstd * rstd * m_dy_xhat) + (mean * rstd * rstd * m_dy_xhat - rstd * m_dy)
