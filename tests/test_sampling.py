@@ -223,7 +223,8 @@ def test_clone_crossing_moves_with_dim_like_the_unscaled_kappa():
         # branch times from t_S - 0.9 to t_S + 0.3 (0.2 apart): where the agreement falls through 0.75
         # if the curve moves with t_S; a curve that does not cross inside gives NaN and fails the test
         tb = t_s[-1] + np.linspace(-0.9, 0.3, 7)
-        c = clone_agreement(K1, K1_DATA, tb, dim=d, n_pairs=800, n_steps=400, t_max=10.0, key=jax.random.key(d))
+        c = clone_agreement(K1, K1_DATA, tb, dim=d, n_pairs=800, n_steps=400, t_max=10.0, key=jax.random.key(d),
+                            increments="rademacher")
         cross.append(c.crossing(0.75))
     # d kappa = 1 predicts a shift of (1/2) log(1024/64) = 1.386; a crossing is located to
     # about +-0.05 (binomial SE 0.015 over a slope of about 0.3 per unit time), so 4 SE of the

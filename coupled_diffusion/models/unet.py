@@ -30,6 +30,7 @@ they are `lax` convolutions. The parameters and results are the same either way.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,22 @@ from flax import nnx
 from .dit import timestep_embedding
 from .onednn import conv2d
 
-_INIT = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # PyTorch's default: U(+-1/sqrt(fan_in))
+
+
+def _INIT(key, shape, dtype=jnp.float32):
+    """PyTorch's default weight law U(+-1/sqrt(fan_in)): the values of `nnx.initializers.variance_scaling(1/3,
+    "fan_in", "uniform")` (tested equal), drawn as one flat vector and reshaped.
+
+    JAX's default (partitionable) threefry counts over the flattened index, so the values are the
+    same, but XLA:CPU compiles a 1-D draw in about 0.17 s against 0.5-1.1 s for a 4-D one, and a
+    U-Net's distinct kernel shapes made building one take 10-12 s, all of it compilation.
+    """
+    shape = tuple(shape)
+    if len(shape) < 2:
+        raise ValueError(f"a weight kernel has at least 2 axes (inputs ..., outputs), got shape {shape}.")
+    fan_in = math.prod(shape[:-1])
+    variance = jnp.array(1 / 3 / fan_in, dtype=dtype)
+    return jax.random.uniform(key, (math.prod(shape),), dtype, -1).reshape(shape) * jnp.sqrt(3 * variance).astype(dtype)
 
 
 def _operands(module, x):
