@@ -51,7 +51,7 @@ def test_gap_objective_matches_eq66_for_a_constant_schedule_and_moves_the_gap():
 def test_speciation_with_collapse_keeps_collapse_within_tolerance():
     ref = cd.CoupledOU.symmetric(1.0, 0.0, 2.0)
     obj = cd.speciation_with_collapse_objective(_make, DATA, target=0.72, alpha=0.5, tolerance=0.01, reference_ou=ref)
-    res = cd.optimize_schedule(obj, Constant(0.0), optimizer=optax.adam(optax.cosine_decay_schedule(0.05, 60)), steps=60,
+    res = cd.optimize_schedule(obj, Constant(0.0), optimizer=optax.adam(optax.cosine_decay_schedule(0.1, 30)), steps=30,
                                progress=False)
     g = float(res.schedule.g0)
     ou = cd.CoupledOU.symmetric(1.0, g, 2.0)  # closed-form solvers at the learned constant
