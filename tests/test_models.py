@@ -273,18 +273,18 @@ def test_sub_pixel_upsample_conv_equals_nearest_upsampling_then_the_conv():
 def test_unet_weight_init_draws_the_values_of_flax_variance_scaling():
     # the U-Net draws its kernels flat and reshapes them (a fast compile); the values must be
     # those of the library initializer it stands for, PyTorch's U(+-1/sqrt(fan_in))
-    from coupled_diffusion.models.unet import _INIT
+    from coupled_diffusion.models.unet import _torch_uniform
 
     reference = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
     key = jax.random.key(5)
     # (the reference's own 4-D draws take about a second each to compile: few cases)
     for shape, dtype in [((3, 3, 8, 16), jnp.float32), ((3, 3, 2, 32), jnp.bfloat16), ((16, 32), jnp.float64),
                          ((1, 1, 4, 8), jnp.float32)]:
-        ours, theirs = _INIT(key, shape, dtype), reference(key, shape, dtype)
+        ours, theirs = _torch_uniform(key, shape, dtype), reference(key, shape, dtype)
         assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
         np.testing.assert_array_equal(np.asarray(ours, np.float64), np.asarray(theirs, np.float64))
     limit = 1 / np.sqrt(3 * 3 * 8)
-    w = np.asarray(_INIT(key, (3, 3, 8, 4096)))
+    w = np.asarray(_torch_uniform(key, (3, 3, 8, 4096)))
     assert -limit <= w.min() < -0.99 * limit and 0.99 * limit < w.max() <= limit
     with pytest.raises(ValueError, match="at least 2 axes"):
-        _INIT(key, (7,))
+        _torch_uniform(key, (7,))

@@ -27,7 +27,7 @@ from flax import nnx
 
 from ..diffusion.build import build_noise
 from ..diffusion.noise import ModeNoise, VPSchedule
-from ..diffusion.samplers import Intervention, NNXEps, check_clip, sample, timesteps
+from ..diffusion.samplers import Intervention, NNXEps, sample, timesteps
 from ..diffusion.sync import (
     Crossing,
     check_level,
@@ -100,7 +100,7 @@ def protocol1(eps_fn, schedule: VPSchedule, noise: ModeNoise, *, n: int = 16, nu
     z_start, key = _start(noise, n, seed)
     ts = timesteps(schedule.T, num_steps)
     out = sample(eps_fn, schedule, noise, key, z_start, method="ddim", eta=0.0, num_steps=len(ts), log_at=tuple(int(t) for t in ts),
-                 clip=check_clip(clip))
+                 clip=clip)
     x0 = np.asarray(out.x0_log, np.float64)  # (L, B, H, W, 2), logged in reverse order (decreasing t)
     modes = np.asarray(noise.to_modes(jnp.asarray(x0)), np.float64)
     t = np.asarray(out.log_t)
@@ -154,7 +154,6 @@ def intervention_curve(eps_fn, schedule: VPSchedule, noise: ModeNoise, *, t_ints
     t_ints = _on_grid(t_ints, ts, "`t_ints` must be a non-empty list")
     if not (float(sigma) >= 0):
         raise ValueError(f"`sigma` must be >= 0, got {sigma!r}.")
-    clip = check_clip(clip)
     z_start, key = _start(noise, n, seed)
     base = _final_modes(eps_fn, schedule, noise, key, z_start, len(ts), clip)
     out = []
@@ -291,7 +290,7 @@ def protocol2(eps_fn, schedule: VPSchedule, noise: ModeNoise, classifiers: dict,
     if not (isinstance(repeats, int | np.integer) and repeats >= 1):
         raise ValueError(f"`repeats` must be a positive integer, got {repeats!r}.")
     check_level(phi_star, "phi_star")
-    run = dict(method="ddpm", num_steps=len(ts), clip=check_clip(clip))
+    run = dict(method="ddpm", num_steps=len(ts), clip=clip)
     agree = np.zeros((2, len(scan)), np.int64)
     indep = np.zeros(2, np.int64)
     for r in range(int(repeats)):

@@ -41,8 +41,7 @@ from .dit import timestep_embedding
 from .onednn import conv2d
 
 
-
-def _INIT(key, shape, dtype=jnp.float32):
+def _torch_uniform(key, shape, dtype=jnp.float32):
     """PyTorch's default weight law U(+-1/sqrt(fan_in)): the values of `nnx.initializers.variance_scaling(1/3,
     "fan_in", "uniform")` (tested equal), drawn as one flat vector and reshaped.
 
@@ -86,7 +85,7 @@ class _Shortcut(nnx.Linear):
 def _conv(cin, cout, kernel=3, stride=1, *, dtype, param_dtype, rngs):
     pad = (kernel - 1) // 2
     return _Conv(cin, cout, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)), dtype=dtype,
-                 param_dtype=param_dtype, kernel_init=_INIT, rngs=rngs)
+                 param_dtype=param_dtype, kernel_init=_torch_uniform, rngs=rngs)
 
 
 # rows (or columns) of a 3x3 kernel that each tap of a 2x2 sub-pixel kernel sums, per output phase
@@ -195,11 +194,11 @@ class ResnetBlock(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = _GroupNorm(cin, groups, eps, param_dtype=param_dtype, rngs=rngs)
         self.conv1 = _conv(cin, cout, **kw)
-        self.time_emb_proj = nnx.Linear(temb, cout, kernel_init=_INIT, **kw)
+        self.time_emb_proj = nnx.Linear(temb, cout, kernel_init=_torch_uniform, **kw)
         self.norm2 = _GroupNorm(cout, groups, eps, param_dtype=param_dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout)  # its key comes with the call, so the model holds no RNG state
         self.conv2 = _conv(cout, cout, **kw)
-        self.conv_shortcut = _Shortcut(cin, cout, kernel_init=_INIT, **kw) if cin != cout else None
+        self.conv_shortcut = _Shortcut(cin, cout, kernel_init=_torch_uniform, **kw) if cin != cout else None
 
     def __call__(self, x, temb, *, deterministic: bool = True, rngs=None):
         h = self.conv1(nnx.silu(self.norm1(x)))
@@ -217,8 +216,8 @@ class SelfAttention(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.heads = channels // head_dim
         self.group_norm = _GroupNorm(channels, groups, eps, param_dtype=param_dtype, rngs=rngs)
-        self.to_q, self.to_k, self.to_v = (nnx.Linear(channels, channels, kernel_init=_INIT, **kw) for _ in range(3))
-        self.to_out = nnx.Linear(channels, channels, kernel_init=_INIT, **kw)
+        self.to_q, self.to_k, self.to_v = (nnx.Linear(channels, channels, kernel_init=_torch_uniform, **kw) for _ in range(3))
+        self.to_out = nnx.Linear(channels, channels, kernel_init=_torch_uniform, **kw)
 
     def __call__(self, x):
         b, hh, ww, c = x.shape
@@ -276,8 +275,8 @@ class UNet(nnx.Module):
         c0, temb = block_channels[0], 4 * block_channels[0]
 
         self.conv_in = _conv(in_channels, c0, **kw)
-        self.time_linear_1 = nnx.Linear(c0, temb, param_dtype=param_dtype, kernel_init=_INIT, rngs=rngs)
-        self.time_linear_2 = nnx.Linear(temb, temb, param_dtype=param_dtype, kernel_init=_INIT, rngs=rngs)
+        self.time_linear_1 = nnx.Linear(c0, temb, param_dtype=param_dtype, kernel_init=_torch_uniform, rngs=rngs)
+        self.time_linear_2 = nnx.Linear(temb, temb, param_dtype=param_dtype, kernel_init=_torch_uniform, rngs=rngs)
 
         res = lambda cin, cout: ResnetBlock(cin, cout, temb, dropout=dropout, **norm, **kw)
         attn = lambda c: SelfAttention(c, attention_head_dim, **norm, **kw)
