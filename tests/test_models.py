@@ -227,8 +227,9 @@ def _group_norm_reference(x, scale, bias, groups, eps):
     return ((xr - mean) / jnp.sqrt(var + eps)).reshape(x.shape) * scale + bias
 
 
-@pytest.mark.parametrize("shape, groups", [((4, 5, 6, 12), 3), ((3, 7, 8), 8), ((2, 3, 3, 4), 1)])
-def test_group_norm_and_its_hand_written_backward_match_autodiff_of_a_reference(shape, groups):
+@pytest.mark.parametrize("shape, groups, silu", [((4, 5, 6, 12), 3, False), ((3, 7, 8), 8, True), ((2, 3, 3, 4), 1, True)])
+def test_group_norm_and_its_hand_written_backward_match_autodiff_of_a_reference(shape, groups, silu):
+    # float64: the XLA form (the CPU extension's fused kernel is float32 only, tested in test_onednn)
     from jax.test_util import check_grads
 
     from coupled_diffusion.models.unet import group_norm
@@ -236,15 +237,36 @@ def test_group_norm_and_its_hand_written_backward_match_autodiff_of_a_reference(
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(shape) * 2 + 0.5)
     scale, bias = (jnp.asarray(rng.standard_normal(shape[-1])) for _ in range(2))
-    ours = lambda x, s, b: group_norm(x, s, b, groups, 1e-5)
-    ref = lambda x, s, b: _group_norm_reference(x, s, b, groups, 1e-5)
-    np.testing.assert_allclose(ours(x, scale, bias), ref(x, scale, bias), atol=1e-12)
+    shift = jnp.asarray(rng.standard_normal((shape[0], shape[-1])))  # per sample and channel, before the norm
+    expand = lambda sh: sh.reshape((shape[0],) + (1,) * (len(shape) - 2) + (shape[-1],))  # noqa: E731
+    ours = lambda x, s, b, sh: group_norm(x, s, b, groups, 1e-5, shift=sh, silu=silu)  # noqa: E731
+
+    def ref(x, s, b, sh):
+        y = _group_norm_reference(x + expand(sh), s, b, groups, 1e-5)
+        return y * jax.nn.sigmoid(y) if silu else y
+
+    np.testing.assert_allclose(ours(x, scale, bias, shift), ref(x, scale, bias, shift), atol=1e-12)
     w = jnp.asarray(rng.standard_normal(shape))
-    g_ours = jax.grad(lambda *a: (ours(*a) * w).sum(), argnums=(0, 1, 2))(x, scale, bias)
-    g_ref = jax.grad(lambda *a: (ref(*a) * w).sum(), argnums=(0, 1, 2))(x, scale, bias)
+    g_ours = jax.grad(lambda *a: (ours(*a) * w).sum(), argnums=(0, 1, 2, 3))(x, scale, bias, shift)
+    g_ref = jax.grad(lambda *a: (ref(*a) * w).sum(), argnums=(0, 1, 2, 3))(x, scale, bias, shift)
     for a, b in zip(g_ours, g_ref):
         np.testing.assert_allclose(a, b, atol=1e-11)
-    check_grads(ours, (x, scale, bias), order=1, modes=["rev"])  # and against finite differences
+    check_grads(ours, (x, scale, bias, shift), order=1, modes=["rev"])  # and against finite differences
+
+
+def test_attention_xla_form_and_its_backward_match_a_written_out_reference():
+    # float64: the XLA form and the hand-written backward (log-sum-exp rebuilt probabilities)
+    from jax.test_util import check_grads
+
+    from coupled_diffusion.models.unet import attention
+
+    b, p, c, heads = 2, 10, 12, 3
+    qkv = jnp.asarray(np.random.default_rng(3).standard_normal((b, p, 3 * c)) * 2)
+    q, k, v = (qkv[..., i * c:(i + 1) * c].reshape(b, p, heads, c // heads) for i in range(3))
+    # written out (jax.nn.dot_product_attention takes its softmax in float32 even for float64 inputs)
+    prob = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(c // heads), axis=-1)
+    np.testing.assert_allclose(attention(qkv, heads), jnp.einsum("bhqk,bkhd->bqhd", prob, v).reshape(b, p, c), atol=1e-12)
+    check_grads(lambda a: attention(a, heads), (qkv,), order=1, modes=["rev"])
 
 
 def test_sub_pixel_upsample_conv_equals_nearest_upsampling_then_the_conv():

@@ -162,6 +162,94 @@ def test_errors_name_the_parameter():
         onednn.conv2d(x, np.ones((7, 7, 2, 5), np.float32), padding="VALID")
 
 
+def _group_norm_silu_reference(x, scale, bias, shift, groups, silu):
+    """Two-pass group norm of x + shift in float64, then SiLU, written out for autodiff."""
+    x = x + shift[:, None, :]
+    b, p, c = x.shape
+    xr = x.reshape(b, p, groups, c // groups)
+    mean = xr.mean((1, 3), keepdims=True)
+    var = jnp.square(xr - mean).mean((1, 3), keepdims=True)
+    y = ((xr - mean) / jnp.sqrt(var + 1e-5)).reshape(x.shape) * scale + bias
+    return y * jax.nn.sigmoid(y) if silu else y
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape, groups, silu", [((5, 49, 32), 8, True), ((3, 784, 16), 8, False), ((2, 9, 12), 3, True),
+                                                ((4, 7, 48), 1, False)])
+def test_fused_group_norm_kernel_matches_a_float64_reference_with_gradients(shape, groups, silu):
+    from coupled_diffusion.models.unet import group_norm
+
+    rng = np.random.default_rng(shape[1] + groups)
+    x = (rng.standard_normal(shape) * 3 + 1.5).astype(np.float32)   # off-centre: E[x^2] - E[x]^2 must stay accurate
+    scale, bias = (rng.standard_normal(shape[-1]).astype(np.float32) for _ in range(2))
+    shift = rng.standard_normal((shape[0], shape[-1])).astype(np.float32) * 2
+    w = rng.standard_normal(shape).astype(np.float32)
+
+    def loss(x, scale, bias, shift):
+        return jnp.sum(group_norm(x, scale, bias, groups, 1e-5, shift=shift, silu=silu) * w)
+
+    f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+    assert "@cd_group_norm_fwd(" in f.lower(x, scale, bias, shift).as_text()
+    y = jax.jit(lambda *a: group_norm(*a[:3], groups, 1e-5, shift=a[3], silu=silu))(x, scale, bias, shift)
+    args64 = [jnp.asarray(a, jnp.float64) for a in (x, scale, bias, shift)]
+    ref = _group_norm_silu_reference(*args64, groups, silu)
+    np.testing.assert_allclose(y, ref, atol=2e-5 * float(jnp.abs(ref).max()))
+    _, grads = f(x, scale, bias, shift)
+    ref_grads = jax.grad(lambda *a: jnp.sum(_group_norm_silu_reference(*a, groups, silu) * w), argnums=(0, 1, 2, 3))(*args64)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, r, atol=2e-5 * float(jnp.abs(r).max()))
+
+
+def _attention_reference(qkv, heads):
+    b, p, c3 = qkv.shape
+    c = c3 // 3
+    q, k, v = (qkv[..., i * c:(i + 1) * c].reshape(b, p, heads, c // heads) for i in range(3))
+    prob = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(c // heads), axis=-1)  # float64 throughout
+    return jnp.einsum("bhqk,bkhd->bqhd", prob, v).reshape(b, p, c)
+
+
+@needs_onednn
+@pytest.mark.parametrize("batch, positions, width, heads", [(4, 49, 32, 4), (2, 196, 64, 2), (3, 5, 24, 3)])
+def test_fused_attention_kernel_matches_a_float64_reference_with_gradients(batch, positions, width, heads):
+    from coupled_diffusion.models.unet import attention
+
+    rng = np.random.default_rng(positions)
+    qkv = (rng.standard_normal((batch, positions, 3 * width)) * 2).astype(np.float32)  # peaked softmax rows
+    w = rng.standard_normal((batch, positions, width)).astype(np.float32)
+    f = jax.jit(jax.value_and_grad(lambda a: jnp.sum(attention(a, heads) * w)))
+    assert "@cd_attention_fwd(" in f.lower(qkv).as_text()
+    qkv64 = jnp.asarray(qkv, jnp.float64)
+    ref = _attention_reference(qkv64, heads)
+    np.testing.assert_allclose(jax.jit(lambda a: attention(a, heads))(qkv), ref, atol=1e-5 * float(jnp.abs(ref).max()))
+    ref_grad = jax.grad(lambda a: jnp.sum(_attention_reference(a, heads) * w))(qkv64)
+    np.testing.assert_allclose(f(qkv)[1], ref_grad, atol=2e-5 * float(jnp.abs(ref_grad).max()))
+
+
+def test_fused_group_norm_and_attention_errors_name_the_parameter():
+    from coupled_diffusion.models.unet import attention, group_norm
+
+    x, c = np.ones((2, 9, 12), np.float32), np.ones(12, np.float32)
+    with pytest.raises(ValueError, match=r"`groups` \(5\) must divide the 12 channels"):
+        group_norm(x, c, c, 5, 1e-5)
+    with pytest.raises(ValueError, match=r"`shift` must have shape \(batch, channels\) = \(2, 12\)"):
+        group_norm(x, c, c, 3, 1e-5, shift=np.ones((12,), np.float32))
+    with pytest.raises(ValueError, match=r"`qkv` must be \(batch, positions, 3 x heads x head_dim\) with heads = 4"):
+        attention(np.ones((2, 9, 30), np.float32), 4)
+    with pytest.raises(ValueError, match=r"`qkv` must be"):
+        attention(np.ones((2, 9, 31), np.float32), 1)
+
+
+def test_other_platforms_lower_no_fused_kernels():
+    from coupled_diffusion.models.unet import attention, group_norm
+
+    x, c, qkv = np.ones((2, 9, 12), np.float32), np.ones(12, np.float32), np.ones((2, 9, 24), np.float32)
+    f = jax.jit(jax.grad(lambda x, qkv: jnp.sum(group_norm(x, c, c, 3, 1e-5, silu=True)) + jnp.sum(attention(qkv, 2) ** 2),
+                         argnums=(0, 1)))
+    for platform in ("cuda", "tpu"):
+        text = jax.export.export(f, platforms=(platform,))(x, qkv).mlir_module()
+        assert "cd_group_norm" not in text and "cd_attention" not in text, platform
+
+
 @needs_onednn
 def test_unet_uses_onednn_and_matches_its_xla_form_with_gradients():
     from coupled_diffusion.models.unet import UNet
@@ -179,6 +267,7 @@ def test_unet_uses_onednn_and_matches_its_xla_form_with_gradients():
     fast = jax.jit(jax.value_and_grad(loss))
     text = fast.lower(params).as_text()
     assert text.count("@cd_conv2d_fwd(") >= 8, "the U-Net's convolutions should be oneDNN custom calls"
+    assert text.count("@cd_group_norm_fwd(") >= 8 and text.count("@cd_attention_fwd(") >= 1, "and its norms and attention"
     l1, g1 = fast(params)
     previous = onednn.set_enabled(False)
     try:

@@ -1,4 +1,5 @@
-"""2-D convolutions on XLA:CPU through oneDNN, the library PyTorch's CPU convolutions use.
+"""The CPU extension: 2-D convolutions on XLA:CPU through oneDNN, the library PyTorch's CPU
+convolutions use, and two fused kernels of our own for the U-Net's other hot spots.
 
 XLA:CPU's own convolutions run at about two thirds of oneDNN's speed on this project's
 machine (forward, input gradient and kernel gradient alike; `benchmarks/README.md`), and the
@@ -10,13 +11,23 @@ with an XLA FFI custom call (`_onednn_conv.cc`) for each pass of a training step
     backward, data          dx = conv_transpose(dy, w)
     backward, weights       dw, db in one pass over x and dy
 
+XLA:CPU's row reductions are slow (it splits them into reduce-windows), which made the group
+norms and the attention softmax about a third of a U-Net forward. The same extension holds two
+forward kernels (OpenMP over samples, vectorised for AVX-512, AVX2 or the baseline, chosen at
+load time), which `models.unet` wraps with hand-written backward passes in XLA:
+
+    group_norm_ffi          silu(group_norm(x + shift)): statistics and normalisation of each
+                            sample while it is in cache (oneDNN 3.2 has no group normalisation)
+    attention_ffi           softmax(q k^T / sqrt(D)) v per (sample, head) from the fused q|k|v
+                            projection, written heads-merged: no transposes
+
 It is used only where it applies and falls back to `jax.lax.conv_general_dilated` everywhere
 else, with the same results up to float rounding:
 
 - the oneDNN packages are installed (`pip install 'coupled_diffusion[onednn]'`: the
-  `onednn-cpu-gomp` runtime and the `onednn-devel-cpu-gomp` headers) and a C++17 compiler
+  `onednn-cpu-gomp` runtime and the `onednn-devel-cpu-gomp` headers) and a C++17 compiler with OpenMP
   (`$CXX`, `c++`, `g++` or `clang++`) can build the extension. It is built on first use, in
-  about 3 s, into `$COUPLED_DIFFUSION_CACHE` (default `~/.cache/coupled_diffusion`), keyed by
+  about 10 s, into `$COUPLED_DIFFUSION_CACHE` (default `~/.cache/coupled_diffusion`), keyed by
   the source, jaxlib and oneDNN, and loaded from there afterwards;
 - the call runs on a CPU: the custom calls are registered for XLA:CPU only, and
   `jax.lax.platform_dependent` lowers `lax` convolutions for any other platform, so the same
@@ -55,11 +66,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["conv2d", "enabled", "set_enabled", "status"]
+__all__ = ["attention_ffi", "conv2d", "enabled", "group_norm_ffi", "set_enabled", "status", "usable"]
 
 _ENV = "COUPLED_DIFFUSION_ONEDNN"
 _SOURCE = pathlib.Path(__file__).with_name("_onednn_conv.cc")
-_TARGETS = ("cd_conv2d_fwd", "cd_conv2d_bwd_data", "cd_conv2d_bwd_weights")
+_TARGETS = ("cd_conv2d_fwd", "cd_conv2d_bwd_data", "cd_conv2d_bwd_weights", "cd_group_norm_fwd", "cd_attention_fwd")
 _DN = ("NHWC", "HWIO", "NHWC")
 
 _lock = threading.Lock()
@@ -159,7 +170,7 @@ def _build() -> pathlib.Path:
     include, libdnnl = _locate_onednn()
     cxx = _compiler()
     source = _SOURCE.read_bytes()
-    flags = ["-O2", "-std=c++17", "-shared", "-fPIC", f"-I{include}", f"-I{jax.ffi.include_dir()}",
+    flags = ["-O3", "-fopenmp", "-std=c++17", "-shared", "-fPIC", f"-I{include}", f"-I{jax.ffi.include_dir()}",
              str(libdnnl), f"-Wl,-rpath,{libdnnl.parent}"]
     key = hashlib.sha256(b"\0".join([source, importlib.metadata.version("jaxlib").encode(), str(libdnnl).encode(),
                                      str(libdnnl.stat().st_size).encode(), cxx.encode(), " ".join(flags).encode()]))
@@ -318,7 +329,39 @@ def conv2d(x, kernel, bias=None, strides=1, padding="SAME"):
     strides, padding = _normalize(strides, padding, x.shape[1:3], kernel.shape[:2])
     if min(_out_shape(x, kernel, strides, padding)[1:3]) < 1:
         raise ValueError(f"the kernel {kernel.shape[:2]} does not fit the padded input {x.shape[1:3]} with padding {padding}.")
-    f32 = all(a.dtype == jnp.float32 for a in (x, kernel, bias))
-    if f32 and _single_cpu_device() and not _explicitly_sharded(x, kernel, bias) and _wanted() and _load():
+    if usable(x, kernel, bias):
         return _onednn_conv(x, kernel, bias, strides, padding)
     return _lax_conv(x, kernel, bias.astype(jnp.result_type(x, kernel)), strides, padding)
+
+
+def usable(*arrays) -> bool:
+    """Whether a function traced now would run these float32 operands through the extension (see the
+    module docstring): float32, one CPU device, no explicit sharding, not turned off, built."""
+    return (all(a.dtype == jnp.float32 for a in arrays) and _single_cpu_device() and not _explicitly_sharded(*arrays)
+            and _wanted() and _load())
+
+
+def group_norm_ffi(x, scale, bias, shift, groups: int, eps: float, silu: bool):
+    """The extension's fused group norm on XLA:CPU: `x` (N, P, C) plus `shift` (N, C) per sample and
+    channel, normalised over each of `groups` channel groups, times `scale` plus `bias` (C,), then
+    SiLU if `silu`. Returns y (N, P, C), and the mean and 1/std (N, groups) of `x + shift`.
+
+    Only for operands [`usable`][] accepts, on a CPU (callers wrap it in
+    `jax.lax.platform_dependent`); no differentiation rule of its own."""
+    n, _, c = x.shape
+    out = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((n, groups), x.dtype),
+           jax.ShapeDtypeStruct((n, groups), x.dtype))
+    return jax.ffi.ffi_call("cd_group_norm_fwd", out, vmap_method="sequential")(
+        x, scale, bias, shift, eps=np.float32(eps), silu=np.int64(bool(silu)))
+
+
+def attention_ffi(qkv, heads: int):
+    """The extension's multi-head softmax attention on XLA:CPU: `qkv` (N, P, 3C) holds q | k | v, each
+    C = heads x D wide (head h in channels h D ... (h + 1) D - 1); returns out (N, P, C), as
+    `jax.nn.dot_product_attention` with scale 1/sqrt(D) computes it with the heads merged, and the
+    log-sum-exp (N, heads, P) of each row of scaled logits.
+
+    Only for operands [`usable`][] accepts, on a CPU; no differentiation rule of its own."""
+    n, p, c3 = qkv.shape
+    out = (jax.ShapeDtypeStruct((n, p, c3 // 3), qkv.dtype), jax.ShapeDtypeStruct((n, heads, p), qkv.dtype))
+    return jax.ffi.ffi_call("cd_attention_fwd", out, vmap_method="sequential")(qkv, heads=np.int64(heads))

@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from .dit import timestep_embedding
+from . import onednn
 from .onednn import conv2d
 
 
@@ -129,53 +130,85 @@ def _channel_sums(*arrays):
     return tuple(a.reshape(b, p // r, r * c).sum(1).reshape(b, r, c).sum(1)[:, None, :] for a in arrays)
 
 
-def _group_mean(s, groups, n):
-    """(B, 1, C) per-channel sums -> the mean over each group of channels (and the n positions), per channel."""
-    b, c = s.shape[0], s.shape[-1]
-    return jnp.repeat(s.reshape(b, groups, -1).sum(-1) / n, c // groups, axis=-1)[:, None, :]
+def _per_channel(s, c):
+    """(B, G) per-group values -> (B, 1, C), each channel taking its group's."""
+    return jnp.repeat(s, c // s.shape[-1], axis=-1)[:, None, :]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def group_norm(x, scale, bias, groups: int, eps: float):
-    r"""Group norm of `x` (B, ..., C) with `groups` channel groups, as `nnx.GroupNorm` computes it
-    (fast variance E[x^2] - E[x]^2, clamped at 0), with a hand-derived backward pass.
+def group_norm(x, scale, bias, groups: int, eps: float, *, shift=None, silu: bool = False):
+    r"""Group norm of `x` (B, ..., C) with `groups` channel groups, as `nnx.GroupNorm` computes it,
+    optionally of `x + shift[:, None, ..., :]` (a per-sample channel offset, `shift` (B, C); the
+    residual blocks' time embedding) and followed by SiLU: `silu(group_norm(x + shift))` in one pass.
 
-    The backward pass needs two per-channel reductions (of `dy` and `dy * x`) and one
-    elementwise pass over the activations, fewer than reverse-mode autodiff of the forward builds.
+    On XLA:CPU with float32 operands it runs as one fused kernel of the CPU extension (statistics
+    and normalisation of each sample while it is in cache; `onednn.group_norm_ffi`), elsewhere as
+    XLA ops (variance E[x^2] - E[x]^2, clamped at 0). The backward pass is hand-derived either way:
+    two per-channel reductions (of `dy` and `dy * x`) and one elementwise pass, fewer than
+    reverse-mode autodiff of the forward builds.
     """
-    return _group_norm_fwd(x, scale, bias, groups, eps)[0]
-
-
-def _group_norm_fwd(x, scale, bias, groups, eps):
     b, c = x.shape[0], x.shape[-1]
-    xr = x.reshape(b, -1, c)
+    if c % groups:
+        raise ValueError(f"`groups` ({groups}) must divide the {c} channels of `x`.")
+    shift = jnp.zeros((b, c), x.dtype) if shift is None else shift
+    if shift.shape != (b, c):
+        raise ValueError(f"`shift` must have shape (batch, channels) = {(b, c)}; got {shift.shape}.")
+    return _group_norm(x, scale, bias, shift, int(groups), float(eps), bool(silu))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _group_norm(x, scale, bias, shift, groups, eps, silu):
+    return _group_norm_fwd(x, scale, bias, shift, groups, eps, silu)[0]
+
+
+def _group_norm_xla(xr, scale, bias, shift, groups, eps, silu):
+    c = xr.shape[-1]
+    xr = xr + shift[:, None, :]
     n = xr.shape[1] * (c // groups)
     s, s2 = _channel_sums(xr, jnp.square(xr))
-    mean, mean_sq = _group_mean(s, groups, n), _group_mean(s2, groups, n)
+    mean, mean_sq = (v[:, 0].reshape(-1, groups, c // groups).sum(-1) / n for v in (s, s2))  # (B, G)
     rstd = jax.lax.rsqrt(jnp.maximum(mean_sq - jnp.square(mean), 0.0) + eps)
-    a = scale * rstd
-    y = xr * a + (bias - mean * a)
-    return y.reshape(x.shape), (x, scale, mean, rstd)
+    a = scale * _per_channel(rstd, c)
+    y = xr * a + (bias - _per_channel(mean, c) * a)
+    return (nnx.silu(y) if silu else y), mean, rstd
 
 
-def _group_norm_bwd(groups, eps, res, dy):
-    x, scale, mean, rstd = res
+def _group_norm_fwd(x, scale, bias, shift, groups, eps, silu):
     b, c = x.shape[0], x.shape[-1]
-    xr, dyr = x.reshape(b, -1, c), dy.reshape(b, -1, c)
+    xr = x.reshape(b, -1, c)
+    xla = functools.partial(_group_norm_xla, groups=groups, eps=eps, silu=silu)
+    if onednn.usable(xr, scale, bias, shift):
+        fused = functools.partial(onednn.group_norm_ffi, groups=groups, eps=eps, silu=silu)
+        y, mean, rstd = jax.lax.platform_dependent(xr, scale, bias, shift, cpu=fused, default=xla)
+    else:
+        y, mean, rstd = xla(xr, scale, bias, shift)
+    return y.reshape(x.shape), (x, scale, bias, shift, mean, rstd)
+
+
+def _group_norm_bwd(groups, eps, silu, res, dy):
+    x, scale, bias, shift, mean, rstd = res
+    b, c = x.shape[0], x.shape[-1]
+    xr, dyr = x.reshape(b, -1, c) + shift[:, None, :], dy.reshape(b, -1, c)
+    mean, rstd = _per_channel(mean, c), _per_channel(rstd, c)
     n = xr.shape[1] * (c // groups)
+    if silu:  # through the SiLU first, at the recomputed pre-activation
+        pre = (xr - mean) * (rstd * scale) + bias
+        sig = jax.nn.sigmoid(pre)
+        dyr = dyr * (sig * (1 + pre * (1 - sig)))
+    group_mean = lambda v: _per_channel(v[:, 0].reshape(b, groups, -1).sum(-1) / n, c)  # noqa: E731
     sum_dy, sum_dy_x = _channel_sums(dyr, dyr * xr)                         # (B, 1, C)
     sum_dy_xhat = (sum_dy_x - mean * sum_dy) * rstd
-    m_dy = _group_mean(scale * sum_dy, groups, n)                           # group mean of scale * dy
-    m_dy_xhat = _group_mean(scale * sum_dy_xhat, groups, n)                 # ... of scale * dy * xhat
+    m_dy = group_mean(scale * sum_dy)                                        # group mean of scale * dy
+    m_dy_xhat = group_mean(scale * sum_dy_xhat)                              # ... of scale * dy * xhat
     dx = dyr * (scale * rstd) - xr * (rstd * rstd * m_dy_xhat) + (mean * rstd * rstd * m_dy_xhat - rstd * m_dy)
-    return dx.reshape(x.shape), sum_dy_xhat.sum((0, 1)), sum_dy.sum((0, 1))
+    return dx.reshape(x.shape), sum_dy_xhat.sum((0, 1)), sum_dy.sum((0, 1)), dx.sum(1)
 
 
-group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+_group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
 class _GroupNorm(nnx.Module):
-    """Group norm computed in float32 whatever the compute dtype (parameters held by `nnx.GroupNorm`)."""
+    """Group norm computed in float32 whatever the compute dtype (parameters held by `nnx.GroupNorm`);
+    `shift` and `silu` as in [`group_norm`][]."""
 
     def __init__(self, channels: int, groups: int, eps: float, *, param_dtype, rngs):
         if channels % groups:
@@ -184,9 +217,10 @@ class _GroupNorm(nnx.Module):
         self.norm = nnx.GroupNorm(channels, num_groups=groups, epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype,
                                   rngs=rngs)
 
-    def __call__(self, x):
+    def __call__(self, x, *, shift=None, silu: bool = False):
         scale, bias = (p.get_value().astype(jnp.float32) for p in (self.norm.scale, self.norm.bias))
-        return group_norm(x.astype(jnp.float32), scale, bias, self.groups, self.eps).astype(x.dtype)
+        shift = None if shift is None else shift.astype(jnp.float32)
+        return group_norm(x.astype(jnp.float32), scale, bias, self.groups, self.eps, shift=shift, silu=silu).astype(x.dtype)
 
 
 class ResnetBlock(nnx.Module):
@@ -201,10 +235,70 @@ class ResnetBlock(nnx.Module):
         self.conv_shortcut = _Shortcut(cin, cout, kernel_init=_torch_uniform, **kw) if cin != cout else None
 
     def __call__(self, x, temb, *, deterministic: bool = True, rngs=None):
-        h = self.conv1(nnx.silu(self.norm1(x)))
-        h = h + self.time_emb_proj(nnx.silu(temb))[:, None, None, :].astype(h.dtype)
-        h = self.conv2(self.dropout(nnx.silu(self.norm2(h)), deterministic=deterministic, rngs=rngs))
+        h = self.conv1(self.norm1(x, silu=True))
+        h = self.norm2(h, shift=self.time_emb_proj(nnx.silu(temb)), silu=True)  # silu(norm2(h + temb)), fused
+        h = self.conv2(self.dropout(h, deterministic=deterministic, rngs=rngs))
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+def attention(qkv, heads: int):
+    r"""Multi-head softmax attention from a fused projection: `qkv` (B, P, 3C) holds q | k | v (head h
+    in channels h D ... (h + 1) D - 1 of each, D = C / heads); returns (B, P, C), heads merged, as
+    `jax.nn.dot_product_attention` (scale $1/\sqrt D$) computes it.
+
+    On XLA:CPU with float32 operands it is one kernel of the CPU extension (`onednn.attention_ffi`:
+    logits, softmax and the weighted sum of each (sample, head) in cache, no head transposes; XLA:CPU's
+    row reductions make its softmax the slow part otherwise); elsewhere XLA ops. The backward pass
+    rebuilds the probabilities from the saved log-sum-exp, either way.
+    """
+    b, p, c3 = qkv.shape
+    if c3 % 3 or (c3 // 3) % heads:
+        raise ValueError(f"`qkv` must be (batch, positions, 3 x heads x head_dim) with heads = {heads}; got {qkv.shape}.")
+    return _attention(qkv, int(heads))
+
+
+def _split_heads(qkv, heads):
+    b, p, c3 = qkv.shape
+    return qkv.reshape(b, p, 3, heads, c3 // 3 // heads).transpose(2, 0, 3, 1, 4)  # (3, B, H, P, D): q, k, v
+
+
+def _attention_xla(qkv, heads):
+    q, k, v = _split_heads(qkv, heads)
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * q.shape[-1] ** -0.5
+    lse = jax.nn.logsumexp(s, axis=-1)
+    out = jnp.einsum("bhqk,bhkd->bqhd", jnp.exp(s - lse[..., None]), v)
+    return out.reshape(qkv.shape[0], qkv.shape[1], -1), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _attention(qkv, heads):
+    return _attention_fwd(qkv, heads)[0]
+
+
+def _attention_fwd(qkv, heads):
+    xla = functools.partial(_attention_xla, heads=heads)
+    if onednn.usable(qkv):
+        out, lse = jax.lax.platform_dependent(qkv, cpu=functools.partial(onednn.attention_ffi, heads=heads), default=xla)
+    else:
+        out, lse = xla(qkv)
+    return out, (qkv, out, lse)
+
+
+def _attention_bwd(heads, res, dout):
+    qkv, out, lse = res
+    b, p, c = out.shape
+    q, k, v = _split_heads(qkv, heads)
+    scale = q.shape[-1] ** -0.5
+    prob = jnp.exp(jnp.einsum("bhqd,bhkd->bhqk", q, k) * scale - lse[..., None])
+    do = dout.reshape(b, p, heads, -1).transpose(0, 2, 1, 3)                       # (B, H, P, D)
+    row = (dout * out).reshape(b, p, heads, -1).sum(-1).transpose(0, 2, 1)         # (B, H, P): sum_d do o
+    dv = jnp.einsum("bhqk,bhqd->bhkd", prob, do)
+    ds = prob * (jnp.einsum("bhqd,bhkd->bhqk", do, v) - row[..., None]) * scale
+    dq, dk = jnp.einsum("bhqk,bhkd->bhqd", ds, k), jnp.einsum("bhqk,bhqd->bhkd", ds, q)
+    return (jnp.stack([dq, dk, dv]).transpose(1, 3, 0, 2, 4).reshape(qkv.shape),)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 class SelfAttention(nnx.Module):
@@ -222,9 +316,11 @@ class SelfAttention(nnx.Module):
     def __call__(self, x):
         b, hh, ww, c = x.shape
         h = self.group_norm(x).reshape(b, hh * ww, c)
-        split = lambda z: z.reshape(b, hh * ww, self.heads, c // self.heads)
-        q, k, v = split(self.to_q(h)), split(self.to_k(h)), split(self.to_v(h))
-        out = jax.nn.dot_product_attention(q, k, v).reshape(b, hh * ww, c)
+        proj = (self.to_q, self.to_k, self.to_v)  # one (C, 3C) projection instead of three
+        h, kernel, _ = _operands(self.to_q, h)
+        kernel = jnp.concatenate([m.kernel.get_value().astype(kernel.dtype) for m in proj], axis=1)
+        bias = jnp.concatenate([m.bias.get_value().astype(kernel.dtype) for m in proj])
+        out = attention((h @ kernel + bias).astype(jnp.float32), self.heads).astype(h.dtype)  # softmax in float32
         return x + self.to_out(out).reshape(b, hh, ww, c)
 
 
@@ -351,5 +447,5 @@ class UNet(nnx.Module):
             if level.resample is not None:
                 h = upsample_conv(h, level.resample)  # = level.resample(nearest-neighbour 2x upsample of h)
 
-        h = self.conv_out(nnx.silu(self.conv_norm_out(h)))
+        h = self.conv_out(self.conv_norm_out(h, silu=True))
         return h.astype(jnp.float32)
