@@ -89,6 +89,7 @@ from .models.pretrained import (
     load_unet_diffusers as load_unet_diffusers,
 )
 from .models.unet import UNet as UNet
+from .models.replica import coupled_dit as coupled_dit, replica_attention as replica_attention, replica_init as replica_init
 
 # 4. data, discrete VP diffusion and training
 from .data.mnist import load_mnist as load_mnist

@@ -53,6 +53,10 @@ class RESULTS(optx.RESULTS):  # pyright: ignore
         "Invalid parameters: a value is non-finite, sigma_W^2 or a variance is not "
         "positive, the Gram matrix is not positive semi-definite, or t_max <= 0."
     )
+    coupling_out_of_range = (
+        "The replica coupling strength g must lie in [0, 1]: eq (19) mixes the intra- and "
+        "inter-replica attention with weights 1 - g/2 and g/2."
+    )
     not_mode_decomposable = (
         "The eigenmode formulas need a symmetric M and equal data variances "
         "(sigma_x^2 = sigma_y^2); use the general solver for this input."

@@ -171,7 +171,7 @@ class Attention(nnx.Module):
         self.qkv = nnx.Linear(hidden_size, 3 * hidden_size, **kw)
         self.proj = _Dense(hidden_size, hidden_size, **kw)
 
-    def __call__(self, x):
+    def __call__(self, x, replica_g=None):
         b, n, c = x.shape
         h = self.num_heads
         # q, k and v are projected straight into the head-major layout (b, h, n, c/h), one einsum
@@ -184,9 +184,17 @@ class Attention(nnx.Module):
         x, kernel, bias = self.qkv.promote_dtype((x, self.qkv.kernel[...], self.qkv.bias[...]), dtype=self.qkv.dtype)
         kernel, bias = kernel.reshape(c, 3, h, c // h), bias.reshape(3, h, 1, c // h)
         q, k, v = (jnp.einsum("bnc,chd->bhnd", x, kernel[:, i]) + bias[i] for i in range(3))
-        scores = q @ k.swapaxes(-1, -2)
-        weights = jax.nn.softmax(scores.astype(jnp.float32) * (1.0 / math.sqrt(c // h)), axis=-1).astype(v.dtype)
-        out = (weights @ v).transpose(0, 2, 1, 3)  # (b, n, h, c/h)
+        if replica_g is None:
+            scores = q @ k.swapaxes(-1, -2)
+            soft = jnp.promote_types(scores.dtype, jnp.float32)  # float32 at least (bfloat16 compute), float64 kept
+            weights = jax.nn.softmax(scores.astype(soft) * (1.0 / math.sqrt(c // h)), axis=-1).astype(v.dtype)
+            out = weights @ v
+        else:  # the batch holds two replicas, [first B | second B]: blockwise-softmax coupling (eq 19)
+            from .replica import replica_attention
+
+            pair = lambda a: a.reshape((2, b // 2) + a.shape[1:])  # noqa: E731
+            out = replica_attention(pair(q), pair(k), pair(v), replica_g).reshape(q.shape)
+        out = out.transpose(0, 2, 1, 3)  # (b, n, h, c/h)
         return self.proj(out.reshape(b, n, c))
 
 
@@ -216,11 +224,11 @@ class DiTBlock(nnx.Module):
         self.adaLN_modulation = nnx.Linear(hidden_size, 6 * hidden_size, param_dtype=param_dtype,
                                            kernel_init=_part(nnx.initializers.zeros, fsdp_axis, None, "fsdp"), rngs=rngs)
 
-    def __call__(self, x, c):
+    def __call__(self, x, c, replica_g=None):
         mods = jnp.split(self.adaLN_modulation(nnx.silu(c)), 6, axis=-1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
         h = _modulate(self.norm1(x.astype(jnp.float32)), shift_msa, scale_msa)
-        x = x + (gate_msa[:, None] * self.attn(h.astype(self.dtype or h.dtype))).astype(x.dtype)
+        x = x + (gate_msa[:, None] * self.attn(h.astype(self.dtype or h.dtype), replica_g)).astype(x.dtype)
         h = _modulate(self.norm2(x.astype(jnp.float32)), shift_mlp, scale_mlp)
         return x + (gate_mlp[:, None] * self.mlp(h.astype(self.dtype or h.dtype))).astype(x.dtype)
 
@@ -247,6 +255,9 @@ class DiT(nnx.Module):
     `x` of shape `(B, H, W, C)` with `H = W = input_size`, `t` of shape `(B,)`, `y` integer
     labels `(B,)` (required iff `num_classes > 0`). Returns `(B, H, W, C_out)`, and with
     `return_hidden=True` also the token states after each block, shape `(depth, B, N, D)`.
+    With `replica_g` the batch is two replicas, `[first B/2 | second B/2]`, coupled by replica
+    attention (eq 19 of the DiT paper) in the blocks `replica_blocks` (default all); prefer
+    [`coupled_dit`][], which takes the replica-first layout.
 
     `timestep_freq_shift` and `mlp_norm_eps` default to the DiT reference code's constants (0 and
     1e-6); diffusers' port uses 1 and its `norm_eps` (1e-5), and [`load_dit_diffusers`][] sets them so.
@@ -298,7 +309,8 @@ class DiT(nnx.Module):
         x = x.reshape(b, g, g, p, p, c)
         return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, g * p, g * p, c)
 
-    def __call__(self, x, t, y=None, *, train: bool = False, key=None, force_drop=None, return_hidden: bool = False):
+    def __call__(self, x, t, y=None, *, train: bool = False, key=None, force_drop=None, return_hidden: bool = False,
+                 replica_g=None, replica_blocks=None):
         if x.ndim != 4 or x.shape[1:] != (self.input_size, self.input_size, self.in_channels):
             raise ValueError(f"`x` must have shape (B, {self.input_size}, {self.input_size}, {self.in_channels}) "
                              f"(channels last), got {x.shape}.")
@@ -310,9 +322,12 @@ class DiT(nnx.Module):
         c = self.t_embedder(jnp.broadcast_to(t, (b,)))
         if self.y_embedder is not None:
             c = c + self.y_embedder(y, train=train, key=key, force_drop=force_drop)
+        if replica_g is not None and b % 2:
+            raise ValueError(f"With `replica_g` the batch holds two replicas, [first B | second B]; got an odd batch {b}.")
+        coupled = set(range(len(self.blocks)) if replica_blocks is None else replica_blocks) if replica_g is not None else set()
         hidden = []
-        for block in self.blocks:
-            h = block(h, c)
+        for i, block in enumerate(self.blocks):
+            h = block(h, c, replica_g if i in coupled else None)
             if return_hidden:
                 hidden.append(h)
         out = self.unpatchify(self.final_layer(h, c).astype(jnp.float32))

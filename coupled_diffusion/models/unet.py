@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .dit import timestep_embedding
 from . import onednn
+from .dit import timestep_embedding
 from .onednn import conv2d
 
 
