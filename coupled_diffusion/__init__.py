@@ -121,6 +121,16 @@ from .diffusion.samplers import (
     ddpm_step as ddpm_step,
     sample as sample,
 )
+from .diffusion.replica_sync import (
+    DifferenceModes as DifferenceModes,
+    SigmoidFit as SigmoidFit,
+    band_gap_ratio as band_gap_ratio,
+    coarse_fine_similarity as coarse_fine_similarity,
+    difference_modes as difference_modes,
+    fit_sigmoid as fit_sigmoid,
+    mode_energies as mode_energies,
+    scale_split as scale_split,
+)
 from .diffusion.sync import (
     Crossing as Crossing,
     agreement as agreement,

@@ -95,7 +95,7 @@ def _random_dit(**kw):
     return nnx.merge(graphdef, jax.tree.unflatten(tree, leaves), rest)
 
 
-DIT = dict(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=3, num_heads=4, num_classes=5)
+DIT = dict(input_size=8, patch_size=2, in_channels=2, hidden_size=32, depth=2, num_heads=4, num_classes=5)
 
 
 def test_coupled_dit_at_g0_is_two_uncoupled_forwards_and_couples_otherwise():
@@ -104,7 +104,7 @@ def test_coupled_dit_at_g0_is_two_uncoupled_forwards_and_couples_otherwise():
     x = jnp.asarray(rng.standard_normal((2, 3, 8, 8, 2)))
     t, y = jnp.array([10.0, 400.0, 900.0]), jnp.array([0, 3, 4])
     out0, hidden0 = cd.coupled_dit(model, x, t, y, g=0.0, return_hidden=True)
-    assert out0.shape == (2, 3, 8, 8, 4) and hidden0.shape == (3, 2, 3, 16, 32)
+    assert out0.shape == (2, 3, 8, 8, 4) and hidden0.shape == (2, 2, 3, 16, 32)
     for r in range(2):
         ref, ref_hidden = model(x[r], t, y, return_hidden=True)
         np.testing.assert_allclose(out0[r], ref, atol=1e-12)
@@ -119,11 +119,11 @@ def test_coupled_dit_at_g0_is_two_uncoupled_forwards_and_couples_otherwise():
         o = cd.coupled_dit(model, same, t, y, g=g)
         np.testing.assert_allclose(o[0], o[1], atol=1e-12)
     # coupling only in the last block: the earlier blocks' states are the uncoupled ones
-    _, hidden_last = cd.coupled_dit(model, x, t, y, g=0.7, blocks=[2], return_hidden=True)
-    np.testing.assert_allclose(hidden_last[:2], hidden0[:2], atol=1e-12)
-    assert float(jnp.max(jnp.abs(hidden_last[2] - hidden0[2]))) > 1e-3
-    with pytest.raises(ValueError, match=r"`blocks` must be block indices in \[0, 3\)"):
-        cd.coupled_dit(model, x, t, y, g=0.5, blocks=[3])
+    _, hidden_last = cd.coupled_dit(model, x, t, y, g=0.7, blocks=[1], return_hidden=True)
+    np.testing.assert_allclose(hidden_last[0], hidden0[0], atol=1e-12)
+    assert float(jnp.max(jnp.abs(hidden_last[1] - hidden0[1]))) > 1e-3
+    with pytest.raises(ValueError, match=r"`blocks` must be block indices in \[0, 2\)"):
+        cd.coupled_dit(model, x, t, y, g=0.5, blocks=[2])
     with pytest.raises(ValueError, match=r"`x` must be \(2, B, H, W, C\)"):
         cd.coupled_dit(model, x[0], t, y, g=0.5)
     with pytest.raises(ValueError, match=r"`t` must be a scalar, \(B,\) = \(3,\) or \(2, B\)"):
@@ -144,3 +144,83 @@ def test_replica_init_has_the_moments_of_eq_67_to_69():
         np.testing.assert_allclose((z1 + z2) / 2, np.sqrt(1 - eps) * z, atol=1e-12)   # the shared part
     with pytest.raises(ValueError, match=r"`eps` must be a scalar in \[0, 1\]"):
         cd.replica_init(jax.random.key(1), z, 1.5)
+
+
+# ------------------------------------------------------------------------------------------------ Protocol measurements
+
+
+def test_scale_split_matches_torch_adaptive_pooling_and_bilinear_upsampling():
+    torch = pytest.importorskip("torch")
+    f = torch.nn.functional
+    rng = np.random.default_rng(0)
+    for h, w, size in ((28, 28, 4), (32, 32, 8), (13, 17, 5), (9, 9, 1)):
+        x = rng.standard_normal((2, h, w, 3))
+        xt = torch.tensor(x).permute(0, 3, 1, 2)
+        ref = f.interpolate(f.adaptive_avg_pool2d(xt, size), size=(h, w), mode="bilinear", align_corners=False)
+        coarse, fine = cd.scale_split(x, size)
+        np.testing.assert_allclose(coarse, ref.permute(0, 2, 3, 1).numpy(), atol=1e-12)
+        np.testing.assert_allclose(coarse + fine, x, atol=1e-12)
+    with pytest.raises(ValueError, match=r"`size` must be an integer in \[1, 9\]"):
+        cd.scale_split(np.zeros((9, 9, 1)), 10)
+
+
+def test_coarse_fine_similarity_separates_scales():
+    rng = np.random.default_rng(1)
+    # a shared coarse part that pooling + upsampling reproduce exactly (a constant per image and channel)
+    coarse = 3 * rng.standard_normal((2, 1, 1, 1)) * np.ones((1, 16, 16, 1))
+    f1, f2 = (0.3 * rng.standard_normal((2, 16, 16, 1)) for _ in range(2))   # independent fine detail
+    cos_c, cos_f = cd.coarse_fine_similarity(coarse + f1, coarse + f2, size=2)
+    assert np.all(np.asarray(cos_c) > 0.95) and np.all(np.abs(np.asarray(cos_f)) < 0.3)
+    cos_c, cos_f = cd.coarse_fine_similarity(coarse + f1, coarse + f1, size=2)
+    np.testing.assert_allclose(cos_c, 1, atol=1e-12)
+    np.testing.assert_allclose(cos_f, 1, atol=1e-12)
+
+
+def _logistic(t, a, b, t0, w):
+    return a + b / (1 + np.exp(-(t - t0) / w))
+
+
+def test_fit_sigmoid_recovers_a_known_midpoint_and_its_bootstrap_interval_covers_it():
+    t = np.linspace(0, 50, 26)
+    truth = 23.0
+    rng = np.random.default_rng(2)
+    covered, mids = 0, []
+    reps = 30
+    for r in range(reps):
+        curves = _logistic(t, 0.2, 0.7, truth, -4.0) + 0.08 * rng.standard_normal((24, t.size))  # falling curves, 24 seeds
+        fit = cd.fit_sigmoid(t, curves, n_boot=300, key=jax.random.key(r))
+        mids.append(fit.midpoint)
+        covered += fit.interval[0] <= truth <= fit.interval[1]
+        assert fit.boot_failed <= 3 and fit.params[3] < 0
+    assert abs(np.mean(mids) - truth) < 0.5
+    assert covered >= 24, f"95% intervals covered the midpoint in {covered} of {reps}"  # P(<= 23 | 0.95) ~ 2e-4
+    with pytest.raises(ValueError, match="`t` must be at least 5 finite, strictly increasing points"):
+        cd.fit_sigmoid(t[::-1], curves[:, ::-1])
+    with pytest.raises(ValueError, match=r"`curves` must be \(seeds, 26\)"):
+        cd.fit_sigmoid(t, curves[:, :5])
+
+
+def test_dual_gram_modes_equal_the_dense_covariance_eigendecomposition():
+    rng = np.random.default_rng(3)
+    s, d = 7, 40
+    d0 = rng.standard_normal((s, d)) * np.linspace(3, 0.2, d)   # anisotropic differences
+    modes = cd.difference_modes(d0)
+    cov = d0.T @ d0 / s
+    w, v = np.linalg.eigh(cov)
+    w, v = w[::-1][:s], v[:, ::-1][:, :s]
+    np.testing.assert_allclose(modes.eigenvalues, w, rtol=1e-10)
+    overlap = np.abs(np.asarray(modes.basis) @ v)              # unit eigenvectors up to sign
+    np.testing.assert_allclose(overlap, np.eye(s), atol=1e-8)
+    e0 = cd.mode_energies(d0, modes)                            # at the reference step every mode has energy 1 on average
+    np.testing.assert_allclose(np.asarray(e0).mean(0), 1, rtol=1e-10)
+    # a later difference that kept only the leading direction: R = trailing / leading band energy << 1
+    lead = np.asarray(modes.basis[0])
+    d_t = np.outer(rng.standard_normal(s), lead) * np.sqrt(w[0])
+    e_t = np.asarray(cd.mode_energies(d_t, modes)).mean(0)
+    assert e_t[0] > 0.1 and np.all(e_t[-3:] < 1e-20)
+    assert float(cd.band_gap_ratio(e_t, 3)) < 1e-18
+    assert float(cd.band_gap_ratio(np.asarray(e0).mean(0), 3)) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"`n_band` must be a positive integer with 2 n_band <= 7"):
+        cd.band_gap_ratio(e_t, 4)
+    with pytest.raises(ValueError, match="no difference energy"):
+        cd.difference_modes(np.zeros((3, 5)))

@@ -1,0 +1,243 @@
+r"""The DiT paper's measurements on a replica pair (Section 3): scale-split commitment scores
+(eq 71-73), sigmoid midpoints with bootstrap intervals (Protocol I), and the fixed basis of
+difference modes from the dual Gram matrix with its normalised energies and band gap ratio
+(eq 43, 74-80; Protocol II).
+
+```python
+cos_c, cos_f = cd.coarse_fine_similarity(x1, x2, size=4)   # eq (71-72), per image pair
+fit = cd.fit_sigmoid(t, curves, n_boot=1000, key=key)       # midpoint of the median curve, 95% bootstrap interval
+modes = cd.difference_modes(d0)                             # eq (43): eigenpairs of the (D x D) covariance via (S x S)
+e = cd.mode_energies(d_t, modes)                            # eq (75-76): (..., S, K) per seed, 1 on average at t0
+r = cd.band_gap_ratio(e.mean(-2), n_band=3)                 # eq (78-80): trailing over leading band energy
+```
+
+The extracted paper lost these formulas; what is implemented is our reading of its prose,
+recorded in the README ("DiT replica coupling").
+"""
+
+import math
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optimistix as optx
+from jaxtyping import Array, Float
+
+__all__ = ["DifferenceModes", "SigmoidFit", "band_gap_ratio", "coarse_fine_similarity", "difference_modes",
+           "fit_sigmoid", "mode_energies", "scale_split"]
+
+
+# ------------------------------------------------------------------------------------------------ eq (71-73)
+
+
+def _pool_matrix(n: int, size: int) -> np.ndarray:
+    """(size, n): adaptive average pooling along one axis, PyTorch's windows [floor(i n/s), ceil((i+1) n/s))."""
+    a = np.zeros((size, n))
+    for i in range(size):
+        lo, hi = (i * n) // size, -((-(i + 1) * n) // size)
+        a[i, lo:hi] = 1.0 / (hi - lo)
+    return a
+
+
+def _upsample_matrix(n: int, size: int) -> np.ndarray:
+    """(n, size): bilinear interpolation along one axis from `size` to `n` points, half-pixel centres
+    (`align_corners=False`, negative source coordinates clamped to 0, as PyTorch's `interpolate`)."""
+    b = np.zeros((n, size))
+    for i in range(n):
+        src = max((i + 0.5) * size / n - 0.5, 0.0)
+        i0 = min(int(math.floor(src)), size - 1)
+        i1 = min(i0 + 1, size - 1)
+        lam = src - i0
+        b[i, i0] += 1 - lam
+        b[i, i1] += lam
+    return b
+
+
+def scale_split(x: Float[Array, "*batch h w c"], size: int) -> tuple[Array, Array]:
+    r"""Split images (channels last) into a coarse part $U(P(x))$ and the fine residual
+    $x - U(P(x))$: $P$ adaptive average pooling to `size` x `size`, $U$ bilinear upsampling back
+    (eq 71-72's operators, with PyTorch's `adaptive_avg_pool2d` and `interpolate(mode="bilinear")`
+    conventions). Returns `(coarse, fine)`, each shaped like `x`."""
+    x = jnp.asarray(x)
+    if x.ndim < 3:
+        raise ValueError(f"`x` must be (..., H, W, C) images, channels last; got shape {x.shape}.")
+    h, w = x.shape[-3], x.shape[-2]
+    if not (isinstance(size, int | np.integer) and 1 <= size <= min(h, w)):
+        raise ValueError(f"`size` must be an integer in [1, {min(h, w)}] (the pooled resolution); got {size!r}.")
+    ph, pw = (jnp.asarray(_pool_matrix(n, int(size)), x.dtype) for n in (h, w))
+    uh, uw = (jnp.asarray(_upsample_matrix(n, int(size)), x.dtype) for n in (h, w))
+    pooled = jnp.einsum("ih,...hwc,jw->...ijc", ph, x, pw)
+    coarse = jnp.einsum("hi,...ijc,wj->...hwc", uh, pooled, uw)
+    return coarse, x - coarse
+
+
+def _cosine(a, b):
+    a, b = (v.reshape(v.shape[:-3] + (-1,)) for v in (a, b))
+    return jnp.sum(a * b, -1) / jnp.sqrt(jnp.sum(a * a, -1) * jnp.sum(b * b, -1))
+
+
+def coarse_fine_similarity(x1, x2, size: int) -> tuple[Array, Array]:
+    r"""Scale-dependent agreement of two images (eq 71-72, our reading): the cosine similarity of their
+    coarse parts $U(P(x_1))$, $U(P(x_2))$ and of their fine residuals $x_i - U(P(x_i))$ (see
+    [`scale_split`][]), flattened over pixels and channels. Returns `(cos_coarse, cos_fine)` over the
+    leading axes; 1 means the same up to a positive factor. Their sigmoid midpoints against the
+    intervention step are $t_{coarse}$ and $t_{fine}$ and the output-space gap (eq 73) is their difference."""
+    x1, x2 = jnp.asarray(x1), jnp.asarray(x2)
+    if x1.shape != x2.shape:
+        raise ValueError(f"`x1` and `x2` must have one shape; got {x1.shape} and {x2.shape}.")
+    (c1, f1), (c2, f2) = scale_split(x1, size), scale_split(x2, size)
+    return _cosine(c1, c2), _cosine(f1, f2)
+
+
+# ------------------------------------------------------------------------------------------------ sigmoid fits
+
+
+class SigmoidFit(NamedTuple):
+    """A sigmoid $y = a + b / (1 + e^{-(t - t_0)/w})$ fitted to the median curve over seeds.
+
+    - `midpoint`: $t_0$ (the inflection and the 50% level between $a$ and $a + b$); NaN if the fit failed.
+    - `params`: $(a, b, t_0, w)$; $w < 0$ for a curve falling in $t$.
+    - `interval`: the bootstrap percentile interval of $t_0$ at `level` (seeds resampled with replacement).
+    - `boot_failed`: how many bootstrap refits did not converge (left out of the interval).
+    - `median`: the median curve that was fitted.
+    """
+
+    midpoint: float
+    params: np.ndarray
+    interval: tuple[float, float]
+    boot_failed: int
+    median: np.ndarray
+
+
+def _sigmoid(p, t):
+    a, b, t0, w = p
+    return a + b * jax.nn.sigmoid((t - t0) / w)
+
+
+def _fit_one(t, y, p0):
+    solver = optx.LevenbergMarquardt(rtol=1e-8, atol=1e-10)
+    sol = optx.least_squares(lambda p, args: _sigmoid(p, t) - y, solver, p0, max_steps=400, throw=False)
+    ok = (sol.result == optx.RESULTS.successful) & jnp.all(jnp.isfinite(sol.value)) & (sol.value[3] != 0)
+    return jnp.where(ok, sol.value, jnp.nan)
+
+
+def _start(t, y):
+    lo, hi = jnp.min(y), jnp.max(y)
+    rising = jnp.mean((t - t.mean()) * (y - y.mean())) >= 0
+    mid = (lo + hi) / 2
+    t0 = t[jnp.argmin(jnp.abs(y - mid))]
+    w = (t[-1] - t[0]) / 8
+    return jnp.stack([lo, hi - lo, t0, jnp.where(rising, w, -w)])
+
+
+@eqx.filter_jit
+def _fit_median(t, curves):
+    y = jnp.median(curves, axis=0)
+    return _fit_one(t, y, _start(t, y)), y
+
+
+@eqx.filter_jit
+def _fit_boot(t, curves, idx):
+    def one(rows):
+        y = jnp.median(curves[rows], axis=0)
+        return _fit_one(t, y, _start(t, y))[2]
+    return jax.vmap(one)(idx)
+
+
+def fit_sigmoid(t, curves, *, n_boot: int = 1000, level: float = 0.95, key=None) -> SigmoidFit:
+    r"""Fit $a + b\,\sigma((t - t_0)/w)$ by Levenberg-Marquardt (optimistix) to the median over seeds of
+    `curves` (S, T) against `t` (T,), and a percentile bootstrap interval for the midpoint $t_0$: seeds
+    resampled with replacement `n_boot` times (one vmapped batch of fits), each median curve refitted.
+
+    The midpoint is the paper's speciation proxy (Protocol I, Table 1) and, for the coarse and fine
+    scores, $t_{coarse}$ and $t_{fine}$ (eq 73). `t` must be increasing; a curve without a transition
+    in the window can give a midpoint outside it, which is reported as fitted, not clipped.
+    """
+    t = np.asarray(t, np.float64).reshape(-1)
+    curves = np.asarray(curves, np.float64)
+    if curves.ndim == 1:
+        curves = curves[None]
+    if curves.ndim != 2 or curves.shape[1] != t.size:
+        raise ValueError(f"`curves` must be (seeds, {t.size}) to match `t`; got shape {curves.shape}.")
+    if t.size < 5 or not np.all(np.diff(t) > 0) or not np.all(np.isfinite(t)):
+        raise ValueError(f"`t` must be at least 5 finite, strictly increasing points (4 parameters are fitted); got {t.tolist()}.")
+    if not np.all(np.isfinite(curves)):
+        raise ValueError("`curves` must be finite.")
+    if not 0 < level < 1:
+        raise ValueError(f"`level` must lie in (0, 1); got {level}.")
+    if not (isinstance(n_boot, int | np.integer) and n_boot >= 0):
+        raise ValueError(f"`n_boot` must be a non-negative integer; got {n_boot!r}.")
+    tj, cj = jnp.asarray(t), jnp.asarray(curves)
+    params, median = _fit_median(tj, cj)
+    params = np.asarray(params)
+    interval, failed = (float("nan"), float("nan")), 0
+    if n_boot:
+        key = jax.random.key(0) if key is None else key
+        idx = jax.random.randint(key, (int(n_boot), curves.shape[0]), 0, curves.shape[0])
+        mids = np.asarray(_fit_boot(tj, cj, idx))
+        good = mids[np.isfinite(mids)]
+        failed = int(mids.size - good.size)
+        if good.size:
+            q = np.quantile(good, [(1 - level) / 2, (1 + level) / 2])
+            interval = (float(q[0]), float(q[1]))
+    return SigmoidFit(float(params[2]), params, interval, failed, np.asarray(median))
+
+
+# ------------------------------------------------------------------------------------------------ eq (43, 74-80)
+
+
+class DifferenceModes(eqx.Module):
+    """The fixed basis of principal difference modes (eq 43): `eigenvalues` (K,), decreasing, of the
+    initial difference covariance $C_0 = D_0^\\top D_0 / S$, and `basis` (K, D), its unit eigenvectors."""
+
+    eigenvalues: Float[Array, " k"]
+    basis: Float[Array, "k d"]
+
+
+def difference_modes(d0: Float[Array, "s d"], *, rank: int | None = None, rtol: float = 1e-8) -> DifferenceModes:
+    r"""Principal modes of the initial replica differences `d0` (S paired seeds x D flattened
+    features, eq 74 at the first step) through the dual Gram matrix $G = D_0 D_0^\top / S$ (S x S,
+    eq 43): $G u_k = \lambda_k u_k$ gives the nonzero eigenpairs of $C_0 = D_0^\top D_0 / S$ with
+    $e_k = D_0^\top u_k / \sqrt{S \lambda_k}$, so no (D x D) matrix is ever formed. Modes with
+    $\lambda_k \le$ `rtol` x $\lambda_1$ are dropped (at most S modes exist); `rank` keeps the top ones.
+    The second moment is uncentred: the difference of two exchangeable replicas has mean zero."""
+    d0 = jnp.asarray(d0)
+    if d0.ndim != 2 or d0.shape[0] < 2:
+        raise ValueError(f"`d0` must be (seeds, features) with at least 2 seeds; got shape {d0.shape}.")
+    s = d0.shape[0]
+    w, u = jnp.linalg.eigh(d0 @ d0.T / s)
+    w, u = w[::-1], u[:, ::-1]
+    wn = np.asarray(w)
+    keep = int(np.sum(wn > rtol * max(wn[0], 0)))
+    if keep == 0:
+        raise ValueError("`d0` has no difference energy: every seed's replicas are identical.")
+    if rank is not None:
+        if not (isinstance(rank, int | np.integer) and rank >= 1):
+            raise ValueError(f"`rank` must be a positive integer; got {rank!r}.")
+        keep = min(keep, int(rank))
+    w, u = w[:keep], u[:, :keep]
+    basis = (u.T @ d0) / jnp.sqrt(s * w)[:, None]
+    return DifferenceModes(eigenvalues=w, basis=basis)
+
+
+def mode_energies(d: Float[Array, "*batch s d"], modes: DifferenceModes) -> Array:
+    r"""Normalised energies of the fixed modes (eq 75-76): per seed, $(e_k \cdot d_s)^2 / \lambda_k$,
+    shape (..., S, K). Their mean over seeds is $e_k^\top C_t e_k / \lambda_k$, which is 1 at the
+    step where the modes were built and tracks how much of mode k's initial energy remains."""
+    d = jnp.asarray(d)
+    if d.shape[-1] != modes.basis.shape[-1]:
+        raise ValueError(f"`d` must end in the modes' feature size {modes.basis.shape[-1]}; got shape {d.shape}.")
+    return jnp.square(d @ modes.basis.T) / modes.eigenvalues
+
+
+def band_gap_ratio(energies: Float[Array, "*batch k"], n_band: int) -> Array:
+    r"""The internal gap ratio (eq 78-80): the mean normalised energy of the trailing band (the
+    `n_band` modes of smallest initial eigenvalue) over that of the leading band (the `n_band`
+    largest). $R > 1$: trailing modes keep more of their energy than leading ones."""
+    energies = jnp.asarray(energies)
+    k = energies.shape[-1]
+    if not (isinstance(n_band, int | np.integer) and 1 <= n_band and 2 * n_band <= k):
+        raise ValueError(f"`n_band` must be a positive integer with 2 n_band <= {k} modes; got {n_band!r}.")
+    return energies[..., -n_band:].mean(-1) / energies[..., :n_band].mean(-1)
