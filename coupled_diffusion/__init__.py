@@ -127,8 +127,10 @@ from .diffusion.replica_sync import (
     band_gap_ratio as band_gap_ratio,
     coarse_fine_similarity as coarse_fine_similarity,
     difference_modes as difference_modes,
+    dit_pair_eps as dit_pair_eps,
     fit_sigmoid as fit_sigmoid,
     mode_energies as mode_energies,
+    sample_replicas as sample_replicas,
     scale_split as scale_split,
 )
 from .diffusion.sync import (

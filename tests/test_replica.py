@@ -224,3 +224,40 @@ def test_dual_gram_modes_equal_the_dense_covariance_eigendecomposition():
         cd.band_gap_ratio(e_t, 4)
     with pytest.raises(ValueError, match="no difference energy"):
         cd.difference_modes(np.zeros((3, 5)))
+
+
+def test_sample_replicas_against_per_replica_ddim_steps_and_its_noise_rules():
+    model = _random_dit(**{**DIT, "num_classes": 0})
+    schedule = cd.VPSchedule.linear(100)
+    rng = np.random.default_rng(4)
+    z = jnp.asarray(rng.standard_normal((2, 2, 8, 8, 2)))
+    eps = cd.dit_pair_eps(model)
+    run = lambda **kw: cd.sample_replicas(eps, schedule, jax.random.key(0), z, num_steps=3, **kw)  # noqa: E731
+    # g = 0, eta = 0: each replica is a plain DDIM run of the uncoupled model, stepped here with the public step
+    ts = cd.diffusion.samplers.timesteps(100, 3)
+    ref = []
+    for r in range(2):
+        x = z[r]
+        for t, tp in zip(ts, list(ts[1:]) + [-1]):
+            e = model(x, jnp.full((2,), t, jnp.int32))[..., :2]
+            x = cd.ddim_step(schedule, x, e, jnp.full((2,), t), jnp.full((2,), tp))
+        ref.append(x)
+    out0 = run(g=0.0)
+    ref = jnp.stack(ref)  # the schedule is float32: jit and eager round it apart, to ~1e-7 relative
+    np.testing.assert_allclose(out0, ref, atol=1e-6 * float(jnp.abs(ref).max()))
+    coupled = run(g=0.8)
+    assert float(jnp.max(jnp.abs(coupled - out0))) > 1e-4
+    np.testing.assert_allclose(run(g=0.8, decouple_at=int(ts[0])), out0, atol=1e-12)   # decoupled from the first step
+    # identical starts: shared noise keeps the pair identical while coupled, independent noise separates it
+    same = jnp.stack([z[0], z[0]])
+    shared = cd.sample_replicas(eps, schedule, jax.random.key(1), same, g=0.5, num_steps=3, eta=1.0, shared_noise=True)
+    np.testing.assert_allclose(shared[0], shared[1], atol=1e-12)
+    split = cd.sample_replicas(eps, schedule, jax.random.key(1), same, g=0.5, num_steps=3, eta=1.0, shared_noise=True,
+                               decouple_at=int(ts[1]))
+    assert float(jnp.max(jnp.abs(split[0] - split[1]))) > 1e-3
+    with pytest.raises(ValueError, match=r"`decouple_at` must be None or a timestep in \[0, 100\)"):
+        run(g=0.5, decouple_at=100)
+    with pytest.raises(ValueError, match=r"`z_pair` must be \(2, B, ...\)"):
+        cd.sample_replicas(eps, schedule, jax.random.key(0), z.reshape(4, 8, 8, 2), g=0.5)
+    with pytest.raises(ValueError, match="`eta` must be a concrete scalar >= 0"):
+        run(g=0.5, eta=-1.0)

@@ -25,8 +25,8 @@ import numpy as np
 import optimistix as optx
 from jaxtyping import Array, Float
 
-__all__ = ["DifferenceModes", "SigmoidFit", "band_gap_ratio", "coarse_fine_similarity", "difference_modes",
-           "fit_sigmoid", "mode_energies", "scale_split"]
+__all__ = ["DifferenceModes", "SigmoidFit", "band_gap_ratio", "coarse_fine_similarity", "difference_modes", "dit_pair_eps",
+           "fit_sigmoid", "mode_energies", "sample_replicas", "scale_split"]
 
 
 # ------------------------------------------------------------------------------------------------ eq (71-73)
@@ -241,3 +241,75 @@ def band_gap_ratio(energies: Float[Array, "*batch k"], n_band: int) -> Array:
     if not (isinstance(n_band, int | np.integer) and 1 <= n_band and 2 * n_band <= k):
         raise ValueError(f"`n_band` must be a positive integer with 2 n_band <= {k} modes; got {n_band!r}.")
     return energies[..., -n_band:].mean(-1) / energies[..., :n_band].mean(-1)
+
+
+# ------------------------------------------------------------------------------------------------ the pair's sampler
+
+
+def dit_pair_eps(model, y=None):
+    r"""The eps function of a [`DiT`][] run as a coupled replica pair, for [`sample_replicas`][]:
+    `eps(z_pair, t, g)` with `z_pair` (2, B, H, W, C) returns (2, B, H, W, C), the first C output
+    channels of [`coupled_dit`][] (a `learn_sigma` DiT's variance channels are dropped); `y` the
+    labels, shared by both replicas."""
+    from ..models.replica import coupled_dit
+
+    def eps(z, t, g):
+        return coupled_dit(model, z, t, y, g=g)[..., : z.shape[-1]]
+
+    return eps
+
+
+def sample_replicas(eps_pair, schedule, key, z_pair, *, g, decouple_at: int | None = None, num_steps: int | None = None,
+                    eta: float = 0.0, shared_noise: bool = False, clip: float | None = None) -> Array:
+    r"""DDIM (Song et al. eq 12; `eta = 0` deterministic, `eta = 1` DDPM-like) driving a replica pair,
+    the samplers of the DiT paper's two protocols.
+
+    **Arguments:**
+
+    - `eps_pair`: `eps_pair(z_pair, t, g)` -> the pair's eps, e.g. [`dit_pair_eps`][]; `t` is (B,).
+    - `schedule`: the [`VPSchedule`][]; `key`: the noise key; `z_pair`: (2, B, ...) the starts at the
+      first timestep (e.g. from [`replica_init`][]).
+    - `g`: the coupling strength for the steps at timesteps `t > decouple_at` (all steps when
+      `decouple_at` is None: Protocol II); at and after `decouple_at` the replicas run uncoupled (g = 0,
+      Protocol I's intervention).
+    - `shared_noise`: both replicas take the same noise draw while coupled (`t > decouple_at`) and
+      independent draws after; with `g = 0` this is the uncoupled control of the paper's Figure 5.
+      By default the draws are independent throughout.
+    - `num_steps`, `eta`, `clip`: as in [`sample`][].
+
+    **Returns:** the pair at the clean end, (2, B, ...).
+    """
+    from ..models.replica import _check_g
+    from .samplers import _check_eta, _ddim_step, check_clip, timesteps
+
+    z_pair = jnp.asarray(z_pair)
+    if z_pair.ndim < 2 or z_pair.shape[0] != 2:
+        raise ValueError(f"`z_pair` must be (2, B, ...), the two replicas first; got shape {z_pair.shape}.")
+    _check_eta(eta)
+    clip = check_clip(clip)
+    g = _check_g(g)
+    ts = timesteps(schedule.T, num_steps)
+    if decouple_at is not None and not (isinstance(decouple_at, int | np.integer) and 0 <= decouple_at < schedule.T):
+        raise ValueError(f"`decouple_at` must be None or a timestep in [0, {schedule.T}); got {decouple_at!r}.")
+    cut = -1 if decouple_at is None else int(decouple_at)
+    b = z_pair.shape[1]
+    t_prev = np.concatenate([ts[1:], [-1]]).astype(np.int32)
+
+    def body(z, inp):
+        i, t, tp = inp
+        coupled = t > cut
+        eps_hat = eps_pair(z, jnp.full((b,), t, jnp.int32), jnp.where(coupled, g, jnp.zeros_like(g)))
+        flat = lambda a: a.reshape((2 * b,) + a.shape[2:])  # noqa: E731
+        draw = None
+        if eta > 0:
+            n = jax.random.normal(jax.random.fold_in(key, i), z.shape, z.dtype)
+            if shared_noise:
+                n = jnp.where(coupled, jnp.stack([n[0], n[0]]), n)
+            draw = flat(n)
+        tb = jnp.full((2 * b,), t, jnp.int32)
+        z = _ddim_step(schedule, flat(z), flat(eps_hat), tb, jnp.full((2 * b,), tp, jnp.int32), draw, eta, clip)
+        return z.reshape((2, b) + z.shape[1:]), None
+
+    xs = (jnp.arange(len(ts), dtype=jnp.int32), jnp.asarray(ts), jnp.asarray(t_prev))
+    z, _ = jax.lax.scan(body, z_pair, xs)
+    return z
