@@ -25,6 +25,9 @@ import numpy as np
 import optimistix as optx
 from jaxtyping import Array, Float
 
+from ..models.replica import _check_g, coupled_dit
+from .samplers import _check_eta, _ddim_step, check_clip, timesteps
+
 __all__ = ["DifferenceModes", "SigmoidFit", "band_gap_ratio", "coarse_fine_similarity", "difference_modes", "dit_pair_eps",
            "fit_sigmoid", "mode_energies", "sample_replicas", "scale_split"]
 
@@ -251,8 +254,6 @@ def dit_pair_eps(model, y=None):
     `eps(z_pair, t, g)` with `z_pair` (2, B, H, W, C) returns (2, B, H, W, C), the first C output
     channels of [`coupled_dit`][] (a `learn_sigma` DiT's variance channels are dropped); `y` the
     labels, shared by both replicas."""
-    from ..models.replica import coupled_dit
-
     def eps(z, t, g):
         return coupled_dit(model, z, t, y, g=g)[..., : z.shape[-1]]
 
@@ -279,9 +280,6 @@ def sample_replicas(eps_pair, schedule, key, z_pair, *, g, decouple_at: int | No
 
     **Returns:** the pair at the clean end, (2, B, ...).
     """
-    from ..models.replica import _check_g
-    from .samplers import _check_eta, _ddim_step, check_clip, timesteps
-
     z_pair = jnp.asarray(z_pair)
     if z_pair.ndim < 2 or z_pair.shape[0] != 2:
         raise ValueError(f"`z_pair` must be (2, B, ...), the two replicas first; got shape {z_pair.shape}.")

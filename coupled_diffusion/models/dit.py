@@ -161,6 +161,14 @@ class LabelEmbedder(nnx.Module):
         return self.embedding_table(y)
 
 
+def softmax_attention(q, k, v):
+    """softmax(q k^T / sqrt(d)) v over the last two axes (tokens, head dim), the softmax in float32 at
+    least (bfloat16 compute) and float64 kept."""
+    scores = q @ k.swapaxes(-1, -2)
+    soft = jnp.promote_types(scores.dtype, jnp.float32)
+    return jax.nn.softmax(scores.astype(soft) * (1.0 / math.sqrt(q.shape[-1])), axis=-1).astype(v.dtype) @ v
+
+
 class Attention(nnx.Module):
     def __init__(self, hidden_size: int, num_heads: int, *, dtype=None, param_dtype=jnp.float32, fsdp_axis=None, rngs):
         if hidden_size % num_heads:
@@ -185,10 +193,7 @@ class Attention(nnx.Module):
         kernel, bias = kernel.reshape(c, 3, h, c // h), bias.reshape(3, h, 1, c // h)
         q, k, v = (jnp.einsum("bnc,chd->bhnd", x, kernel[:, i]) + bias[i] for i in range(3))
         if replica_g is None:
-            scores = q @ k.swapaxes(-1, -2)
-            soft = jnp.promote_types(scores.dtype, jnp.float32)  # float32 at least (bfloat16 compute), float64 kept
-            weights = jax.nn.softmax(scores.astype(soft) * (1.0 / math.sqrt(c // h)), axis=-1).astype(v.dtype)
-            out = weights @ v
+            out = softmax_attention(q, k, v)
         else:  # the batch holds two replicas, [first B | second B]: blockwise-softmax coupling (eq 19)
             from .replica import replica_attention
 

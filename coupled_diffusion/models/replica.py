@@ -20,8 +20,6 @@ z1, z2 = cd.replica_init(key, z, eps=0.1)                # eq (67-69): correlati
 ```
 """
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,27 +27,27 @@ from jaxtyping import Array, Float
 
 from .._checks import concrete
 from .._results import RESULTS, Solution
+from .dit import softmax_attention
 
 __all__ = ["coupled_dit", "replica_attention", "replica_init"]
 
 
-def _check_g(g, name: str = "g"):
-    g = jnp.asarray(g)
-    if g.ndim != 0:
-        raise ValueError(f"`{name}` must be a scalar coupling strength in [0, 1], got shape {g.shape}.")
-    if not jnp.issubdtype(g.dtype, jnp.floating):
-        g = g.astype(jnp.result_type(float))
-    v = concrete(g)
+def _unit_scalar(x, name: str, what: str, why: str, dtype=None):
+    """`x` as a floating scalar array; a `ValueError` naming `name` unless it is one, and (when
+    concrete) finite and in [0, 1]. A traced value is returned unchecked, for a run-time check."""
+    x = jnp.asarray(x) if dtype is None else jnp.asarray(x, dtype)
+    if x.ndim != 0:
+        raise ValueError(f"`{name}` must be a scalar{' ' + what if what else ''} in [0, 1], got shape {x.shape}.")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(jnp.result_type(float))
+    v = concrete(x)
     if v is not None and not (np.isfinite(v) and 0 <= v <= 1):
-        raise ValueError(f"`{name}` must be a coupling strength in [0, 1] (eq 19's weights 1 - g/2 and g/2), got {float(v)}.")
-    return g
+        raise ValueError(f"`{name}` must be {'a ' + what if what else 'a scalar'} in [0, 1] ({why}), got {float(v)}.")
+    return x
 
 
-def _attend(q, k, v, scale):
-    """softmax(q k^T * scale) v over the last two axes, the softmax in float32 at least (as `DiT`'s own attention)."""
-    scores = q @ k.swapaxes(-1, -2)
-    weights = jax.nn.softmax(scores.astype(jnp.promote_types(scores.dtype, jnp.float32)) * scale, axis=-1).astype(v.dtype)
-    return weights @ v
+def _check_g(g, name: str = "g"):
+    return _unit_scalar(g, name, "coupling strength", "eq 19's weights 1 - g/2 and g/2")
 
 
 def replica_attention(q: Float[Array, "2 *batch heads nq d"], k: Float[Array, "2 *batch heads nk d"],
@@ -76,9 +74,8 @@ def replica_attention(q: Float[Array, "2 *batch heads nq d"], k: Float[Array, "2
         raise ValueError(f"`k` and `v` must share a shape with `q`'s leading axes and head dimension; got q {q.shape}, "
                          f"k {k.shape}, v {v.shape}.")
     g = _check_g(g)
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    intra = _attend(q, k, v, scale)
-    inter = _attend(q, k[::-1], v[::-1], scale)
+    intra = softmax_attention(q, k, v)
+    inter = softmax_attention(q, k[::-1], v[::-1])
     gv = g.astype(intra.dtype)
     out = (1 - gv / 2) * intra + (gv / 2) * inter
     ok = jnp.isfinite(g) & (g >= 0) & (g <= 1)
@@ -97,10 +94,7 @@ def replica_init(key, z: Float[Array, "..."], eps) -> tuple[Array, Array]:
     $\epsilon = 0$, independent at 1/2, anti-correlated above. `eps` must lie in [0, 1].
     """
     z = jnp.asarray(z)
-    eps = jnp.asarray(eps, z.dtype)
-    v = concrete(eps)
-    if eps.ndim != 0 or (v is not None and not (np.isfinite(v) and 0 <= v <= 1)):
-        raise ValueError(f"`eps` must be a scalar in [0, 1] (replica correlation 1 - 2 eps), got {v if v is not None else eps}.")
+    eps = _unit_scalar(eps, "eps", "", "replica correlation 1 - 2 eps", z.dtype)
     xi = jax.random.normal(key, z.shape, z.dtype)
     a, b = jnp.sqrt(1 - eps), jnp.sqrt(eps)
     return a * z + b * xi, a * z - b * xi
