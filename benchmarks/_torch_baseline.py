@@ -2,6 +2,9 @@
 
 import torch
 
+from coupled_diffusion._torch_peers import allow_torchvision_without_its_ops
+
+allow_torchvision_without_its_ops()  # before diffusers is imported (it imports torchvision)
 torch.set_num_threads(2)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cuda":

@@ -90,6 +90,8 @@ from .models.pretrained import (
 )
 from .models.unet import UNet as UNet
 from .models.replica import coupled_dit as coupled_dit, replica_attention as replica_attention, replica_init as replica_init
+from .models.resnet import ResNet50 as ResNet50, imagenet_normalize as imagenet_normalize, load_resnet50 as load_resnet50, resnet50_from_state_dict as resnet50_from_state_dict
+from .models.vae import VAEDecoder as VAEDecoder, load_vae_decoder as load_vae_decoder, vae_decoder_from_diffusers as vae_decoder_from_diffusers
 
 # 4. data, discrete VP diffusion and training
 from .data.mnist import load_mnist as load_mnist
@@ -122,7 +124,11 @@ from .diffusion.samplers import (
     sample as sample,
 )
 from .diffusion.replica_sync import (
+    DiTPairEps as DiTPairEps,
     DifferenceModes as DifferenceModes,
+    block_modes as block_modes,
+    hidden_differences as hidden_differences,
+    mode_energy_trajectory as mode_energy_trajectory,
     SigmoidFit as SigmoidFit,
     band_gap_ratio as band_gap_ratio,
     coarse_fine_similarity as coarse_fine_similarity,

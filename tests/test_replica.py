@@ -255,9 +255,45 @@ def test_sample_replicas_against_per_replica_ddim_steps_and_its_noise_rules():
     split = cd.sample_replicas(eps, schedule, jax.random.key(1), same, g=0.5, num_steps=3, eta=1.0, shared_noise=True,
                                decouple_at=int(ts[1]))
     assert float(jnp.max(jnp.abs(split[0] - split[1]))) > 1e-3
-    with pytest.raises(ValueError, match=r"`decouple_at` must be None or a timestep in \[0, 100\)"):
+    with pytest.raises(ValueError, match=r"`decouple_at` must be None or timesteps in \[0, 100\)"):
         run(g=0.5, decouple_at=100)
+    # per-pair couplings and intervention steps in one batch equal the runs one by one
+    gs, cuts = jnp.array([0.8, 0.3]), jnp.array([int(ts[1]), int(ts[2])])
+    np.testing.assert_allclose(run(g=gs, decouple_at=cuts)[:, 0], run(g=0.8, decouple_at=int(ts[1]))[:, 0], atol=1e-12)
+    np.testing.assert_allclose(run(g=gs, decouple_at=cuts)[:, 1], run(g=0.3, decouple_at=int(ts[2]))[:, 1], atol=1e-12)
+    with pytest.raises(ValueError, match=r"`g` must be a scalar or one value per pair, shape \(2,\)"):
+        run(g=jnp.array([0.1, 0.2, 0.3]))
     with pytest.raises(ValueError, match=r"`z_pair` must be \(2, B, ...\)"):
         cd.sample_replicas(eps, schedule, jax.random.key(0), z.reshape(4, 8, 8, 2), g=0.5)
     with pytest.raises(ValueError, match="`eta` must be a concrete scalar >= 0"):
         run(g=0.5, eta=-1.0)
+
+
+def test_protocol_ii_energies_follow_the_hidden_differences_along_the_ddim_trajectory():
+    model = _random_dit(**{**DIT, "num_classes": 0})
+    schedule = cd.VPSchedule.linear(100)
+    z0 = jax.random.normal(jax.random.key(2), (6, 8, 8, 2), jnp.float64)
+    z_pair = jnp.stack(cd.replica_init(jax.random.key(3), z0, 0.2))
+    pair = cd.dit_pair_eps(model)
+    ts = cd.diffusion.samplers.timesteps(100, 4)
+    d0 = cd.hidden_differences(pair, z_pair, int(ts[0]), g=0.4)
+    assert d0.shape == (2, 6, 16 * 32)
+    # against the uncoupled forwards' hidden states at g = 0
+    _, h1 = model(z_pair[0], jnp.full((6,), ts[0]), return_hidden=True)
+    _, h2 = model(z_pair[1], jnp.full((6,), ts[0]), return_hidden=True)
+    # (the DiT's token states are float32: batch sizes round apart by ~1e-6)
+    np.testing.assert_allclose(cd.hidden_differences(pair, z_pair, int(ts[0]), g=0.0), (h1 - h2).reshape(2, 6, -1), atol=2e-5)
+    modes = cd.block_modes(d0)
+    assert modes.basis.shape[0] == 2 and modes.basis.shape[2] == 16 * 32
+    e = cd.mode_energy_trajectory(pair, schedule, z_pair, modes, g=0.4, num_steps=4)
+    assert e.shape == (4, 2, 6, modes.basis.shape[1])
+    np.testing.assert_allclose(np.asarray(e[0]).mean(1), 1.0, rtol=1e-4)   # eq (76) at the reference step
+    # step by step by hand: DDIM (eta = 0) of the coupled pair, the energies from each step's differences
+    z = z_pair
+    for j, (t, tp) in enumerate(zip(ts, list(ts[1:]) + [-1])):
+        d = np.asarray(cd.hidden_differences(pair, z, int(t), g=0.4))
+        for blk in range(2):
+            proj = d[blk] @ np.asarray(modes.basis[blk]).T
+            np.testing.assert_allclose(e[j, blk], proj ** 2 / np.asarray(modes.eigenvalues[blk]), rtol=1e-3, atol=1e-5)
+        eps_hat = pair(z, jnp.full((6,), t, jnp.int32), 0.4)
+        z = jnp.stack([cd.ddim_step(schedule, z[r], eps_hat[r], jnp.full((6,), t), jnp.full((6,), tp)) for r in range(2)])

@@ -23,13 +23,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optimistix as optx
+from flax import nnx
 from jaxtyping import Array, Float
+
+from .._checks import concrete
 
 from ..models.replica import _check_g, coupled_dit
 from .samplers import _check_eta, _ddim_step, check_clip, timesteps
 
-__all__ = ["DifferenceModes", "SigmoidFit", "band_gap_ratio", "coarse_fine_similarity", "difference_modes", "dit_pair_eps",
-           "fit_sigmoid", "mode_energies", "sample_replicas", "scale_split"]
+__all__ = ["DiTPairEps", "DifferenceModes", "SigmoidFit", "band_gap_ratio", "block_modes", "coarse_fine_similarity",
+           "difference_modes", "dit_pair_eps", "fit_sigmoid", "hidden_differences", "mode_energies", "mode_energy_trajectory",
+           "sample_replicas", "scale_split"]
 
 
 # ------------------------------------------------------------------------------------------------ eq (71-73)
@@ -249,30 +253,67 @@ def band_gap_ratio(energies: Float[Array, "*batch k"], n_band: int) -> Array:
 # ------------------------------------------------------------------------------------------------ the pair's sampler
 
 
-def dit_pair_eps(model, y=None):
-    r"""The eps function of a [`DiT`][] run as a coupled replica pair, for [`sample_replicas`][]:
-    `eps(z_pair, t, g)` with `z_pair` (2, B, H, W, C) returns (2, B, H, W, C), the first C output
-    channels of [`coupled_dit`][] (a `learn_sigma` DiT's variance channels are dropped); `y` the
-    labels, shared by both replicas."""
-    def eps(z, t, g):
-        return coupled_dit(model, z, t, y, g=g)[..., : z.shape[-1]]
+class DiTPairEps(eqx.Module):
+    r"""A [`DiT`][] run as a coupled replica pair, as a pure PyTree callable for [`sample_replicas`][]
+    (split once, merged in the trace, so one compiled sampler serves every call):
+    `pair(z_pair, t, g)` with `z_pair` (2, B, H, W, C) returns the pair's eps (2, B, H, W, C), the
+    first C output channels of [`coupled_dit`][] (a `learn_sigma` DiT's variance channels are
+    dropped); `pair.with_hidden(z_pair, t, g)` also returns the blocks' token states
+    (depth, 2, B, N, D). `y`: the labels (B,), shared by both replicas (None: unconditional);
+    `blocks`: the coupled blocks (default all)."""
 
-    return eps
+    graphdef: object = eqx.field(static=True)
+    state: object
+    y: Array | None
+    blocks: tuple[int, ...] | None = eqx.field(static=True)
+
+    def __init__(self, model, y=None, *, blocks=None):
+        self.graphdef, self.state = nnx.split(model)
+        self.y = None if y is None else jnp.asarray(y)
+        self.blocks = None if blocks is None else tuple(int(i) for i in blocks)
+
+    def with_hidden(self, z, t, g):
+        out, hidden = coupled_dit(nnx.merge(self.graphdef, self.state), z, t, self.y, g=g, blocks=self.blocks,
+                                  return_hidden=True)
+        return out[..., : z.shape[-1]], hidden
+
+    def __call__(self, z, t, g):
+        return coupled_dit(nnx.merge(self.graphdef, self.state), z, t, self.y, g=g, blocks=self.blocks)[..., : z.shape[-1]]
 
 
-def sample_replicas(eps_pair, schedule, key, z_pair, *, g, decouple_at: int | None = None, num_steps: int | None = None,
+def dit_pair_eps(model, y=None, *, blocks=None) -> DiTPairEps:
+    """The eps function of a [`DiT`][] run as a coupled replica pair: a [`DiTPairEps`][]."""
+    return DiTPairEps(model, y, blocks=blocks)
+
+
+def _pair_cut(decouple_at, T: int, b: int):
+    """`decouple_at` as an int32 array, scalar or (B,); -1 (or None) couples throughout."""
+    if decouple_at is None:
+        return jnp.int32(-1)
+    v = concrete(jnp.asarray(decouple_at))
+    if v is not None:
+        if not (np.issubdtype(v.dtype, np.integer) and v.shape in ((), (b,)) and np.all((-1 <= v) & (v < T))):
+            raise ValueError(f"`decouple_at` must be None or timesteps in [0, {T}) (-1: never), an integer or one per pair (shape ({b},)); "
+                             f"got {v.tolist() if v.size < 20 else v.shape}.")
+    return jnp.asarray(decouple_at, jnp.int32)
+
+
+def sample_replicas(eps_pair, schedule, key, z_pair, *, g, decouple_at=None, num_steps: int | None = None,
                     eta: float = 0.0, shared_noise: bool = False, clip: float | None = None) -> Array:
     r"""DDIM (Song et al. eq 12; `eta = 0` deterministic, `eta = 1` DDPM-like) driving a replica pair,
-    the samplers of the DiT paper's two protocols.
+    the samplers of the DiT paper's two protocols. Compiled once per eps function, shape and
+    sampler setting: `g` and `decouple_at` are traced, so a sweep reuses one program.
 
     **Arguments:**
 
-    - `eps_pair`: `eps_pair(z_pair, t, g)` -> the pair's eps, e.g. [`dit_pair_eps`][]; `t` is (B,).
+    - `eps_pair`: `eps_pair(z_pair, t, g)` -> the pair's eps, e.g. [`dit_pair_eps`][]; `t` is (B,), `g`
+      a scalar or (B,). A PyTree (an `eqx.Module`) or a function.
     - `schedule`: the [`VPSchedule`][]; `key`: the noise key; `z_pair`: (2, B, ...) the starts at the
       first timestep (e.g. from [`replica_init`][]).
     - `g`: the coupling strength for the steps at timesteps `t > decouple_at` (all steps when
       `decouple_at` is None: Protocol II); at and after `decouple_at` the replicas run uncoupled (g = 0,
-      Protocol I's intervention).
+      Protocol I's intervention; -1, like None, couples throughout). Both may be scalars or one value
+      per pair, shape (B,): a grid of couplings and intervention steps in one batch.
     - `shared_noise`: both replicas take the same noise draw while coupled (`t > decouple_at`) and
       independent draws after; with `g = 0` this is the uncoupled control of the paper's Figure 5.
       By default the draws are independent throughout.
@@ -285,29 +326,94 @@ def sample_replicas(eps_pair, schedule, key, z_pair, *, g, decouple_at: int | No
         raise ValueError(f"`z_pair` must be (2, B, ...), the two replicas first; got shape {z_pair.shape}.")
     _check_eta(eta)
     clip = check_clip(clip)
-    g = _check_g(g)
+    b = z_pair.shape[1]
+    g = _check_g(g, batch=(b,))
     ts = timesteps(schedule.T, num_steps)
-    if decouple_at is not None and not (isinstance(decouple_at, int | np.integer) and 0 <= decouple_at < schedule.T):
-        raise ValueError(f"`decouple_at` must be None or a timestep in [0, {schedule.T}); got {decouple_at!r}.")
-    cut = -1 if decouple_at is None else int(decouple_at)
+    cut = _pair_cut(decouple_at, schedule.T, b)
+    return _sample_replicas(eps_pair, schedule, key, z_pair, g, cut, len(ts), float(eta), bool(shared_noise), clip)
+
+
+def _per_pair(a, like):
+    """A scalar or (B,) array broadcast against (B, ...) = `like`'s per-pair layout."""
+    return a.reshape(a.shape + (1,) * (like.ndim - a.ndim))
+
+
+@eqx.filter_jit
+def _sample_replicas(eps_pair, schedule, key, z_pair, g, cut, num_steps, eta, shared_noise, clip):
+    ts = timesteps(schedule.T, num_steps)
     b = z_pair.shape[1]
     t_prev = np.concatenate([ts[1:], [-1]]).astype(np.int32)
+    flat = lambda a: a.reshape((2 * b,) + a.shape[2:])  # noqa: E731
 
     def body(z, inp):
         i, t, tp = inp
-        coupled = t > cut
+        coupled = t > cut  # scalar or (B,)
         eps_hat = eps_pair(z, jnp.full((b,), t, jnp.int32), jnp.where(coupled, g, jnp.zeros_like(g)))
-        flat = lambda a: a.reshape((2 * b,) + a.shape[2:])  # noqa: E731
         draw = None
         if eta > 0:
             n = jax.random.normal(jax.random.fold_in(key, i), z.shape, z.dtype)
             if shared_noise:
-                n = jnp.where(coupled, jnp.stack([n[0], n[0]]), n)
+                n = jnp.where(_per_pair(coupled, n[0]), jnp.stack([n[0], n[0]]), n)
             draw = flat(n)
         tb = jnp.full((2 * b,), t, jnp.int32)
-        z = _ddim_step(schedule, flat(z), flat(eps_hat), tb, jnp.full((2 * b,), tp, jnp.int32), draw, eta, clip)
+        z = _ddim_step(schedule, flat(z), flat(eps_hat.astype(z.dtype)), tb, jnp.full((2 * b,), tp, jnp.int32), draw, eta, clip)
         return z.reshape((2, b) + z.shape[1:]), None
 
     xs = (jnp.arange(len(ts), dtype=jnp.int32), jnp.asarray(ts), jnp.asarray(t_prev))
     z, _ = jax.lax.scan(body, z_pair, xs)
     return z
+
+
+def hidden_differences(pair: DiTPairEps, z_pair, t, *, g) -> Array:
+    r"""The flattened hidden-state differences between the replicas at every block (eq 74) for one
+    forward of the coupled pair at timestep `t` (a scalar): shape (depth, B, N D). At the first
+    step of a trajectory these build the fixed basis of Protocol II (per block, [`difference_modes`][])."""
+    z_pair = jnp.asarray(z_pair)
+    b = z_pair.shape[1]
+    _, hidden = pair.with_hidden(z_pair, jnp.full((b,), t, jnp.int32), _check_g(g, batch=(b,)))
+    d = hidden[:, 0] - hidden[:, 1]
+    return d.reshape(d.shape[:2] + (-1,))
+
+
+def block_modes(d0: Float[Array, "depth s d"], *, rank: int | None = None) -> DifferenceModes:
+    """[`difference_modes`][] of each block's initial differences `d0` (depth, S, D), stacked:
+    eigenvalues (depth, K) and basis (depth, K, D), K the smallest rank kept over the blocks (and
+    at most `rank`)."""
+    d0 = jnp.asarray(d0)
+    if d0.ndim != 3:
+        raise ValueError(f"`d0` must be (depth, seeds, features); got shape {d0.shape}.")
+    per = [difference_modes(d0[i], rank=rank) for i in range(d0.shape[0])]
+    k = min(m.eigenvalues.shape[0] for m in per)
+    return DifferenceModes(eigenvalues=jnp.stack([m.eigenvalues[:k] for m in per]), basis=jnp.stack([m.basis[:k] for m in per]))
+
+
+def mode_energy_trajectory(pair: DiTPairEps, schedule, z_pair, modes: DifferenceModes, *, g,
+                           num_steps: int | None = None, clip: float | None = None) -> Array:
+    r"""Protocol II's trajectory: deterministic DDIM ($\eta = 0$) of the pair coupled at constant `g`
+    from `z_pair`, and at every step and block the normalised energies (eq 75-76) of the hidden
+    difference in that block's fixed modes (`modes` from [`block_modes`][]): shape (steps, depth, B, K),
+    the steps in sampling order (decreasing timestep), one forward per step."""
+    z_pair = jnp.asarray(z_pair)
+    b = z_pair.shape[1]
+    g = _check_g(g, batch=(b,))
+    return _energy_trajectory(pair, schedule, z_pair, modes, g, len(timesteps(schedule.T, num_steps)), check_clip(clip))
+
+
+@eqx.filter_jit
+def _energy_trajectory(pair, schedule, z_pair, modes, g, num_steps, clip):
+    ts = timesteps(schedule.T, num_steps)
+    b = z_pair.shape[1]
+    t_prev = np.concatenate([ts[1:], [-1]]).astype(np.int32)
+    flat = lambda a: a.reshape((2 * b,) + a.shape[2:])  # noqa: E731
+
+    def body(z, inp):
+        t, tp = inp
+        eps_hat, hidden = pair.with_hidden(z, jnp.full((b,), t, jnp.int32), g)
+        d = (hidden[:, 0] - hidden[:, 1]).reshape(hidden.shape[0], b, -1).astype(modes.basis.dtype)
+        e = jnp.square(jnp.einsum("lsd,lkd->lsk", d, modes.basis)) / modes.eigenvalues[:, None, :]
+        tb = jnp.full((2 * b,), t, jnp.int32)
+        z = _ddim_step(schedule, flat(z), flat(eps_hat.astype(z.dtype)), tb, jnp.full((2 * b,), tp, jnp.int32), None, 0.0, clip)
+        return z.reshape((2, b) + z.shape[1:]), e
+
+    _, energies = jax.lax.scan(body, z_pair, (jnp.asarray(ts), jnp.asarray(t_prev)))
+    return energies

@@ -32,22 +32,24 @@ from .dit import softmax_attention
 __all__ = ["coupled_dit", "replica_attention", "replica_init"]
 
 
-def _unit_scalar(x, name: str, what: str, why: str, dtype=None):
-    """`x` as a floating scalar array; a `ValueError` naming `name` unless it is one, and (when
-    concrete) finite and in [0, 1]. A traced value is returned unchecked, for a run-time check."""
+def _unit_scalar(x, name: str, what: str, why: str, dtype=None, batch: tuple[int, ...] | None = None):
+    """`x` as a floating array; a `ValueError` naming `name` unless it is a scalar (or, with `batch`, an
+    array of that shape: one value per pair) and, when concrete, finite and in [0, 1]. A traced value
+    is returned unchecked, for a run-time check."""
     x = jnp.asarray(x) if dtype is None else jnp.asarray(x, dtype)
-    if x.ndim != 0:
-        raise ValueError(f"`{name}` must be a scalar{' ' + what if what else ''} in [0, 1], got shape {x.shape}.")
+    if x.ndim != 0 and (batch is None or x.shape != tuple(batch)):
+        shapes = "a scalar" if batch is None else f"a scalar or one value per pair, shape {tuple(batch)},"
+        raise ValueError(f"`{name}` must be {shapes}{' ' + what if what else ''} in [0, 1], got shape {x.shape}.")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(jnp.result_type(float))
     v = concrete(x)
-    if v is not None and not (np.isfinite(v) and 0 <= v <= 1):
-        raise ValueError(f"`{name}` must be {'a ' + what if what else 'a scalar'} in [0, 1] ({why}), got {float(v)}.")
+    if v is not None and not (np.all(np.isfinite(v)) and np.all((0 <= v) & (v <= 1))):
+        raise ValueError(f"`{name}` must be {'a ' + what if what else 'a scalar'} in [0, 1] ({why}), got {v.tolist()}.")
     return x
 
 
-def _check_g(g, name: str = "g"):
-    return _unit_scalar(g, name, "coupling strength", "eq 19's weights 1 - g/2 and g/2")
+def _check_g(g, name: str = "g", batch: tuple[int, ...] | None = None):
+    return _unit_scalar(g, name, "coupling strength", "eq 19's weights 1 - g/2 and g/2", batch=batch)
 
 
 def replica_attention(q: Float[Array, "2 *batch heads nq d"], k: Float[Array, "2 *batch heads nk d"],
@@ -59,8 +61,9 @@ def replica_attention(q: Float[Array, "2 *batch heads nq d"], k: Float[Array, "2
 
     - `q`, `k`, `v`: replica first, then any batch axes, heads, tokens, head dimension; `k` and `v`
       of one shape, `q` with the same leading axes and head dimension.
-    - `g`: the coupling strength, a scalar in [0, 1] (0: two independent attentions; 1: each
-      replica's output is the even mixture of attending to itself and to the other).
+    - `g`: the coupling strength in [0, 1] (0: two independent attentions; 1: each replica's output
+      is the even mixture of attending to itself and to the other): a scalar, or one value per pair,
+      shaped like the batch axes `q.shape[1:-3]` (a sweep over couplings in one batch).
     - `throw`: with concrete `g` outside [0, 1] a `ValueError` is raised whatever `throw` says; a
       traced `g` is checked at run time, raising (`throw=True`) or, with `throw=False`, giving a
       [`Solution`][] whose `value` is NaN and whose `result` is `RESULTS.coupling_out_of_range`.
@@ -73,12 +76,12 @@ def replica_attention(q: Float[Array, "2 *batch heads nq d"], k: Float[Array, "2
     if k.shape != v.shape or k.shape[:-2] != q.shape[:-2] or k.shape[-1] != q.shape[-1]:
         raise ValueError(f"`k` and `v` must share a shape with `q`'s leading axes and head dimension; got q {q.shape}, "
                          f"k {k.shape}, v {v.shape}.")
-    g = _check_g(g)
+    g = _check_g(g, batch=q.shape[1:-3])
     intra = softmax_attention(q, k, v)
     inter = softmax_attention(q, k[::-1], v[::-1])
-    gv = g.astype(intra.dtype)
+    gv = g.astype(intra.dtype).reshape(g.shape + (1, 1, 1))
     out = (1 - gv / 2) * intra + (gv / 2) * inter
-    ok = jnp.isfinite(g) & (g >= 0) & (g <= 1)
+    ok = jnp.all(jnp.isfinite(g) & (g >= 0) & (g <= 1))
     result = RESULTS.where(ok, RESULTS.successful, RESULTS.coupling_out_of_range)
     if throw:
         return result.error_if(out, ~ok) if isinstance(g, jax.core.Tracer) else out
@@ -109,7 +112,7 @@ def coupled_dit(model, x, t, y=None, *, g, blocks=None, return_hidden: bool = Fa
     - `model`: a `cd.DiT` (built here or loaded with `load_dit_diffusers` / `load_dit_official`).
     - `x`: (2, B, H, W, C), the two replicas' inputs, replica first.
     - `t`: (B,) or (2, B) timesteps; `y`: (B,) or (2, B) labels when the model is class-conditional.
-    - `g`: coupling strength in [0, 1] (a traced `g` is checked at run time).
+    - `g`: coupling strength in [0, 1], a scalar or one per pair (B,) (a traced `g` is checked at run time).
     - `return_hidden`: also return each block's token states, (depth, 2, B, N, D).
 
     **Returns:** (2, B, H, W, C_out), and the hidden states if asked. At `g = 0` each replica's
@@ -137,7 +140,7 @@ def coupled_dit(model, x, t, y=None, *, g, blocks=None, return_hidden: bool = Fa
             return a.reshape(2 * b)
         raise ValueError(f"`{name}` must be a scalar, (B,) = ({b},) or (2, B) = (2, {b}); got shape {a.shape}.")
 
-    g = _check_g(g)
+    g = _check_g(g, batch=(b,))
     out = model(x.reshape((2 * b,) + x.shape[2:]), pair(t, "t"), pair(y, "y"), replica_g=g, replica_blocks=chosen,
                  return_hidden=return_hidden)
     if return_hidden:
