@@ -90,8 +90,17 @@ from .models.pretrained import (
 )
 from .models.unet import UNet as UNet
 from .models.replica import coupled_dit as coupled_dit, replica_attention as replica_attention, replica_init as replica_init
-from .models.resnet import ResNet50 as ResNet50, imagenet_normalize as imagenet_normalize, load_resnet50 as load_resnet50, resnet50_from_state_dict as resnet50_from_state_dict
-from .models.vae import VAEDecoder as VAEDecoder, load_vae_decoder as load_vae_decoder, vae_decoder_from_diffusers as vae_decoder_from_diffusers
+from .models.resnet import (
+    ResNet50 as ResNet50,
+    imagenet_normalize as imagenet_normalize,
+    load_resnet50 as load_resnet50,
+    resnet50_from_state_dict as resnet50_from_state_dict,
+)
+from .models.vae import (
+    VAEDecoder as VAEDecoder,
+    load_vae_decoder as load_vae_decoder,
+    vae_decoder_from_diffusers as vae_decoder_from_diffusers,
+)
 
 # 4. data, discrete VP diffusion and training
 from .data.mnist import load_mnist as load_mnist

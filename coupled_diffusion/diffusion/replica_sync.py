@@ -27,7 +27,6 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from .._checks import concrete
-
 from ..models.replica import _check_g, coupled_dit
 from .samplers import _check_eta, _ddim_step, check_clip, timesteps
 

@@ -39,7 +39,6 @@ from .._runlock import RunLock
 from ..data.mnist import load_mnist
 from ..diffusion.noise import VPSchedule, add_noise
 from ..diffusion.replica_sync import (
-    band_gap_ratio,
     block_modes,
     coarse_fine_similarity,
     dit_pair_eps,
@@ -52,7 +51,8 @@ from ..diffusion.samplers import timesteps
 from ..models.dit import DiT
 from ..models.replica import replica_init
 
-__all__ = ["DiTSync", "DigitClassifier", "protocol1", "protocol2", "run_dit_sync", "train_digit_classifier", "train_mnist_dit"]
+__all__ = ["Backbone", "DiTSync", "DigitClassifier", "pretrained_backbone", "protocol1", "protocol2", "run_dit_sync",
+           "train_digit_classifier", "train_mnist_dit"]
 
 
 def _need(ok: bool, message: str) -> None:
@@ -84,15 +84,15 @@ class DiTSync:
     num_heads: int = 4
     patch_size: int = 4
     T: int = 1000
-    train_steps: int = 2000
+    train_steps: int = 3600
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 3e-3
     warmup_steps: int = 200
     ema_decay: float = 0.999
     class_dropout: float = 0.1
     seed: int = 0
     ckpt_every: int = 250
-    classifier_steps: int = 1000
+    classifier_steps: int = 800
     gs: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
     num_steps: int = 50
     intervention_every: int = 5
@@ -137,7 +137,7 @@ class DiTSync:
             v = getattr(self, name)
             _need(isinstance(v, tuple) and len(v) > 0 and all(isinstance(g, int | float) and 0 <= g <= 1 for g in v),
                   f"`{name}` must be a non-empty list of couplings in [0, 1], got {v!r}.")
-        _need(_int_at_least(self.label, 0) and self.label <= 9, f"`label` must be a digit 0-9, got {self.label!r}.")
+        _need(_int_at_least(self.label, 0), f"`label` must be a class index >= 0 (a digit 0-9 for the MNIST DiT), got {self.label!r}.")
         _need(_int_at_least(self.coarse_size, 1) and self.coarse_size <= 28, f"`coarse_size` must be in [1, 28], got {self.coarse_size!r}.")
 
     def intervention_points(self) -> list[int]:
@@ -275,7 +275,7 @@ class DigitClassifier(nnx.Module):
     """A small CNN on (B, 28, 28, 1) images in [-1, 1]: `features(x)` (B, 64), the penultimate layer
     (Protocol I's feature space, eq 70), and `__call__(x)`, the 10 logits."""
 
-    def __init__(self, *, width: int = 32, rngs: nnx.Rngs):
+    def __init__(self, *, width: int = 16, rngs: nnx.Rngs):
         self.c1 = nnx.Conv(1, width, (3, 3), strides=2, rngs=rngs)
         self.c2 = nnx.Conv(width, 2 * width, (3, 3), strides=2, rngs=rngs)
         self.l1 = nnx.Linear(7 * 7 * 2 * width, 64, rngs=rngs)
@@ -324,9 +324,94 @@ def train_digit_classifier(cfg: DiTSync, out: Path, *, progress: bool = True) ->
     return nnx.merge(graphdef, params), acc
 
 
+def sample_quality(model, classifier, cfg: DiTSync, *, per_class: int = 10, key=None) -> dict:
+    """How well the MNIST DiT draws what it is asked for: `per_class` samples of each digit (DDIM,
+    `eta = 1`, `cfg.num_steps` steps, uncoupled), scored by the digit classifier. **Returns:**
+    `match` (the fraction classified as the conditioning digit), `confident_match` (also with
+    probability >= 0.9) and `per_class` (the match fraction per digit)."""
+    key = jax.random.key(cfg.seed + 2000) if key is None else key
+    y = jnp.repeat(jnp.arange(10, dtype=jnp.int32), per_class)
+    z = jax.random.normal(jax.random.fold_in(key, 0), (y.shape[0], 28, 28, 1), jnp.float32)
+    out = sample_replicas(dit_pair_eps(model, y), VPSchedule.linear(cfg.T), jax.random.fold_in(key, 1), jnp.stack([z, z]), g=0.0,
+                          num_steps=cfg.num_steps, eta=1.0, clip=1.0)[0]
+    prob = np.asarray(jax.nn.softmax(jax.jit(lambda x, m=nnx.split(classifier): nnx.merge(*m)(x))(out), -1))
+    yn = np.asarray(y)
+    hit = prob.argmax(-1) == yn
+    return {"match": float(hit.mean()), "confident_match": float((hit & (prob.max(-1) >= 0.9)).mean()),
+            "per_class": [float(hit[yn == c].mean()) for c in range(10)], "samples": np.asarray(out[::per_class, ..., 0])}
+
+
 def _feature_cosine(encoder, x1, x2):
     f1, f2 = encoder(x1), encoder(x2)
     return jnp.sum(f1 * f2, -1) / jnp.sqrt(jnp.sum(f1 * f1, -1) * jnp.sum(f2 * f2, -1) + 1e-30)
+
+
+# ------------------------------------------------------------------------------------------------ backbones
+
+
+@dataclasses.dataclass
+class Backbone:
+    """What the protocols run on: a DiT with its `schedule`, the state `shape` (H, W, C) it samples,
+    `decode(states) -> images` (None: the states are the images), `encoder(images) -> features`
+    (eq 70), the DDIM `clip` of x0-hat (None: unbounded) and a `description` (recorded with the run)."""
+
+    model: DiT
+    schedule: VPSchedule
+    shape: tuple[int, int, int]
+    encoder: object
+    decode: object = None
+    clip: float | None = 1.0
+    description: dict = dataclasses.field(default_factory=dict)
+
+
+def _chunked(fn, chunk: int):
+    """`fn` over the leading axis in chunks of `chunk` (the VAE decoder and the ResNet at 256 x 256 are memory-bound)."""
+    def run(x):
+        return jnp.concatenate([fn(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)])
+
+    return run
+
+
+def pretrained_backbone(weights, vae, encoder, *, bf16: bool = False, chunk: int = 32, num_heads: int | None = None) -> Backbone:
+    """A pretrained latent DiT (DiT-XL/2: an official `.pt` file or a diffusers folder, `weights`), the
+    SD VAE decoder from the local diffusers folder `vae`, and torchvision's ResNet-50 features from the
+    local state dict `encoder`, for [`run_dit_sync`][]. `bf16`: the DiT computes in bfloat16 (accelerators);
+    `num_heads`: for an official file of no named size (see `load_dit_official`).
+    Nothing is downloaded; a missing path raises an error that says what to pass."""
+    from ..models.pretrained import load_dit_diffusers, load_dit_official
+    from ..models.resnet import imagenet_normalize, load_resnet50
+    from ..models.vae import load_vae_decoder
+
+    for flag, path, what in (("--weights", weights, "the DiT weights: an official .pt file (DiT-XL-2-256x256.pt) or a "
+                              "diffusers DiT folder"), ("--vae", vae, "a local diffusers AutoencoderKL folder (e.g. "
+                              "sd-vae-ft-ema: config.json + diffusion_pytorch_model.safetensors)"),
+                             ("--encoder", encoder, "torchvision's resnet50 state dict (e.g. resnet50-11ad3fa6.pth)")):
+        if path is None or not os.path.exists(path):
+            raise FileNotFoundError(f"{flag} {path}: not found. Pass {what}; nothing is downloaded.")
+    kw = {"dtype": jnp.bfloat16} if bf16 else {}
+    model = load_dit_diffusers(weights, **kw) if os.path.isdir(weights) else load_dit_official(weights, num_heads=num_heads, **kw)
+    if model.num_classes <= 0:
+        raise ValueError(f"{weights}: the protocols need a class-conditional DiT (num_classes > 0).")
+    decoder, net = load_vae_decoder(vae), load_resnet50(encoder)
+    dec = jax.jit(lambda z, m=nnx.split(decoder): jnp.clip(nnx.merge(*m).decode(z.astype(jnp.float32)), -1, 1))
+    enc = jax.jit(lambda x, m=nnx.split(net): nnx.merge(*m).features(imagenet_normalize((x + 1) / 2)))
+    size = model.input_size
+    return Backbone(model=model, schedule=VPSchedule.linear(1000), shape=(size, size, model.in_channels),
+                    encoder=_chunked(enc, chunk), decode=_chunked(dec, chunk), clip=None,
+                    description={"weights": os.path.abspath(weights), "vae": os.path.abspath(vae),
+                                 "encoder": os.path.abspath(encoder), "bf16": bool(bf16)})
+
+
+def _spread_pairs(z):
+    """The pair batch (2, B, ...) split over all devices along B when there are several and they divide it."""
+    n = jax.device_count()
+    if n == 1 or z.shape[1] % n:
+        return z
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from ..models.sharding import data_mesh
+
+    return jax.device_put(z, NamedSharding(data_mesh(), PartitionSpec(None, "data")))
 
 
 # ------------------------------------------------------------------------------------------------ the protocols
@@ -336,7 +421,7 @@ def _starts(cfg: DiTSync, shape, key):
     """`n_pairs` paired seeds (2, S, ...) from eq (67): a shared start and an antisymmetric perturbation."""
     k_z, k_xi = jax.random.split(key)
     z = jax.random.normal(k_z, (cfg.n_pairs,) + tuple(shape), jnp.float32)
-    return jnp.stack(replica_init(k_xi, z, cfg.init_eps))
+    return _spread_pairs(jnp.stack(replica_init(k_xi, z, cfg.init_eps)))
 
 
 def protocol1(pair_eps, schedule: VPSchedule, encoder, cfg: DiTSync, *, g: float, shape, key, decode=None, clip=1.0,
@@ -355,7 +440,7 @@ def protocol1(pair_eps, schedule: VPSchedule, encoder, cfg: DiTSync, *, g: float
     cut_of = [int(ts[k]) if k < len(ts) else -1 for k in ks]
     s = cfg.n_pairs
     z = _starts(cfg, shape, jax.random.fold_in(key, 0))
-    z_pair = jnp.tile(z, (1, len(ks)) + (1,) * len(shape))                      # (2, K * S, ...), k-major
+    z_pair = _spread_pairs(jnp.tile(z, (1, len(ks)) + (1,) * len(shape)))      # (2, K * S, ...), k-major
     cuts = jnp.repeat(jnp.asarray(cut_of, jnp.int32), s)
     out = sample_replicas(pair_eps, schedule, jax.random.fold_in(key, 1), z_pair, g=0.0 if shared_noise else g,
                           decouple_at=cuts, num_steps=cfg.num_steps, eta=1.0, shared_noise=shared_noise, clip=clip)
@@ -411,31 +496,51 @@ def _gname(g: float) -> str:
     return f"{g:.2f}".replace(".", "p")
 
 
-def run_dit_sync(cfg: DiTSync, out, *, progress: bool = True) -> dict:
-    """Train or reuse the model and the classifier in `out`, run both protocols (each coupling's result
-    saved as it completes, so a stopped run resumes where it was), write the figures, `table.md`,
-    `table.json` and `summary.json`. **Returns:** the summary."""
+def run_dit_sync(cfg: DiTSync, out, *, backbone: Backbone | None = None, progress: bool = True) -> dict:
+    """Run both protocols into `out` (each coupling's result saved as it completes, so a stopped run
+    resumes where it was) and write the figures, `table.md`, `table.json` and `summary.json`.
+
+    `backbone`: the model to run on (e.g. [`pretrained_backbone`][] for DiT-XL/2); by default the
+    MNIST DiT and digit classifier are trained (or reused) in `out`. **Returns:** the summary."""
     cfg.validate()
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"`out` {out} is an existing file, not a directory.")
     with RunLock(out, "dit-sync run"):
         cfg_file = out / "dit_sync.json"
+        record = cfg.to_json() | ({"backbone": backbone.description} if backbone is not None else {})
         if cfg_file.exists():
             saved = json.loads(cfg_file.read_text())
-            if saved != cfg.to_json():
-                diff = sorted(k for k in set(saved) | set(cfg.to_json()) if saved.get(k) != cfg.to_json().get(k))
+            if saved != record:
+                diff = sorted(k for k in set(saved) | set(record) if saved.get(k) != record.get(k))
                 raise ValueError(f"{out} holds a dit-sync run with other settings (fields {diff}); use another --out.")
         else:
             out.mkdir(parents=True, exist_ok=True)
-            _write_json(cfg_file, cfg.to_json())
+            _write_json(cfg_file, record)
         timing = {}
         t0 = time.perf_counter()
-        model, history = train_mnist_dit(cfg, out, progress=progress)
-        classifier, accuracy = train_digit_classifier(cfg, out, progress=progress)
+        history, accuracy = None, None
+        if backbone is None:
+            model, history = train_mnist_dit(cfg, out, progress=progress)
+            classifier, accuracy = train_digit_classifier(cfg, out, progress=progress)
+            backbone = Backbone(model=model, schedule=VPSchedule.linear(cfg.T), shape=(28, 28, 1),
+                                encoder=jax.jit(lambda x, m=nnx.split(classifier): nnx.merge(*m).features(x)))
+            quality_file = out / "eval" / "quality.json"
+            if not quality_file.exists():
+                (out / "eval").mkdir(parents=True, exist_ok=True)
+                q = sample_quality(model, classifier, cfg)
+                q.pop("samples")
+                _write_json(quality_file, q)
         timing["model_and_classifier_s"] = time.perf_counter() - t0
-        schedule = VPSchedule.linear(cfg.T)
-        encoder = jax.jit(lambda x, m=nnx.split(classifier): nnx.merge(*m).features(x))
+        model, schedule, encoder = backbone.model, backbone.schedule, backbone.encoder
+        if not cfg.label < model.num_classes:
+            raise ValueError(f"`label` must be a class of the model, in [0, {model.num_classes}); got {cfg.label}.")
+        if cfg.num_steps > schedule.T:
+            raise ValueError(f"`num_steps` must be at most the model's T = {schedule.T}; got {cfg.num_steps}.")
+        if jax.device_count() > 1:
+            from ..models.sharding import data_mesh, replicate
+
+            replicate(model, data_mesh())
         (out / "eval").mkdir(exist_ok=True)
         key = jax.random.key(cfg.seed + 1000)
         n1 = len(cfg.intervention_points()) * cfg.n_pairs
@@ -453,9 +558,10 @@ def run_dit_sync(cfg: DiTSync, out, *, progress: bool = True) -> dict:
                 path = out / "eval" / f"{kind}_g{_gname(g)}.npz"
                 if not path.exists():
                     if kind == "p2":
-                        res = protocol2(pair2, schedule, cfg, g=g, shape=(28, 28, 1), key=key)
+                        res = protocol2(pair2, schedule, cfg, g=g, shape=backbone.shape, key=key, clip=backbone.clip)
                     else:
-                        res = protocol1(pair1, schedule, encoder, cfg, g=g, shape=(28, 28, 1), key=key, shared_noise=kind == "p1c")
+                        res = protocol1(pair1, schedule, encoder, cfg, g=g, shape=backbone.shape, key=key, decode=backbone.decode,
+                                        clip=backbone.clip, shared_noise=kind == "p1c")
                     _save_npz(path, res)
                 if bar is not None:
                     bar.update(1)
@@ -463,7 +569,9 @@ def run_dit_sync(cfg: DiTSync, out, *, progress: bool = True) -> dict:
             if bar is not None:
                 bar.close()
         timing["protocols_s"] = time.perf_counter() - t1
-        summary = summarize(cfg, out, classifier_accuracy=accuracy, history=history)
+        summary = summarize(cfg, out, classifier_accuracy=accuracy, history=history, T=schedule.T)
+        if (out / "eval" / "quality.json").exists():
+            summary["sample_quality"] = json.loads((out / "eval" / "quality.json").read_text())
         summary["timing_s"] = timing
         _write_json(out / "summary.json", summary)
         write_figures(cfg, out, summary)
@@ -478,7 +586,7 @@ def _fit(k, curves, cfg, salt):
             "q75": np.quantile(curves, 0.75, axis=0).tolist()}
 
 
-def summarize(cfg: DiTSync, out, *, classifier_accuracy=None, history=None) -> dict:
+def summarize(cfg: DiTSync, out, *, classifier_accuracy=None, history=None, T: int | None = None) -> dict:
     """Fits and verdicts from the saved per-coupling results in `out/eval` (see `run_dit_sync`)."""
     out = Path(out)
     load = lambda kind, g: dict(np.load(out / "eval" / f"{kind}_g{_gname(g)}.npz"))  # noqa: E731
@@ -490,7 +598,7 @@ def summarize(cfg: DiTSync, out, *, classifier_accuracy=None, history=None) -> d
         p1[g]["gap"] = p1[g]["fine"]["midpoint"] - p1[g]["coarse"]["midpoint"]
     rc = load("p1c", 0.0)
     control = {"k": rc["k"].tolist(), "cosine": _fit(rc["k"], rc["cosine"], cfg, 97)}
-    ts = timesteps(cfg.T, cfg.num_steps)
+    ts = timesteps(cfg.T if T is None else T, cfg.num_steps)
     known = sorted([(0.0, control["cosine"]["midpoint"])] + [(g, p1[g]["cosine"]["midpoint"]) for g in cfg.gs])
     p2 = {}
     for g in cfg.p2_gs:
@@ -534,7 +642,8 @@ def _claims(cfg: DiTSync, p1: dict, p2: dict) -> dict:
         "claim": f"at g = {g_lo:g} the gap is localised in the last blocks: abs(log R) is largest in the last third of the "
                  "blocks and larger there than anywhere in the first half",
         "R_per_block": p["R"], "max_block": p["max_abs_log_R_block"], "first_half_max_abs_log_R": p["first_half_max_abs_log_R"],
-        "agrees": bool(p["max_abs_log_R_block"] >= depth - max(depth // 3, 1) and abs(math.log(p["R"][-1])) > p["first_half_max_abs_log_R"])}
+        "agrees": bool(p["max_abs_log_R_block"] >= depth - max(depth // 3, 1)
+                       and abs(math.log(p["R"][-1])) > p["first_half_max_abs_log_R"])}
     gaps = {f"{g:g}": p1[g]["gap"] for g in p1}
     ok = [v > 0 for v in gaps.values() if np.isfinite(v)]
     claims["coarse_before_fine"] = {"claim": "coarse commits before fine: t_coarse < t_fine (eq 73's gap > 0) at every g",

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from .pretrained import _conv as _conv_weight, _linear, _Mapping, _read_diffusers, _same
-from .unet import _conv, _GroupNorm, _Shortcut, _torch_uniform, SelfAttention, upsample_conv
+from .unet import SelfAttention, _conv, _GroupNorm, _Shortcut, _torch_uniform, upsample_conv
 
 __all__ = ["VAEDecoder", "load_vae_decoder", "vae_decoder_from_diffusers"]
 
