@@ -74,7 +74,8 @@ def main():
     peer.eval()
     tensors = {k: v.detach().numpy() for k, v in peer.state_dict().items()}
     ours = dit_from_diffusers(dict(peer.config), tensors)
-    peer.set_attn_processor(ReplicaAttnProcessor(args.g))
+    for block in peer.transformer_blocks:
+        block.attn1.set_processor(ReplicaAttnProcessor(args.g))
     peer = peer.to(DEVICE)
 
     sched = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False, set_alpha_to_one=False,

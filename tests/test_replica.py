@@ -185,15 +185,20 @@ def test_fit_sigmoid_recovers_a_known_midpoint_and_its_bootstrap_interval_covers
     truth = 23.0
     rng = np.random.default_rng(2)
     covered, mids = 0, []
-    reps = 30
+    reps = 20
     for r in range(reps):
         curves = _logistic(t, 0.2, 0.7, truth, -4.0) + 0.08 * rng.standard_normal((24, t.size))  # falling curves, 24 seeds
-        fit = cd.fit_sigmoid(t, curves, n_boot=300, key=jax.random.key(r))
+        fit = cd.fit_sigmoid(t, curves, n_boot=150, key=jax.random.key(r))
         mids.append(fit.midpoint)
         covered += fit.interval[0] <= truth <= fit.interval[1]
         assert fit.boot_failed <= 3 and fit.params[3] < 0
     assert abs(np.mean(mids) - truth) < 0.5
-    assert covered >= 24, f"95% intervals covered the midpoint in {covered} of {reps}"  # P(<= 23 | 0.95) ~ 2e-4
+    assert covered >= 16, f"95% intervals covered the midpoint in {covered} of {reps}"  # P(<= 15 | 0.95) ~ 3e-3
+    # a median curve that dips before a sharp rise (Protocol I's shape): the rise is found, not a far-off linear fit
+    k = np.arange(0, 51, 5.0)
+    dip = _logistic(k, 0.78, 0.11, 33.0, 0.5) - 0.05 * np.exp(-((k - 25) / 6) ** 2)
+    fit = cd.fit_sigmoid(k, dip[None] + 0.003 * rng.standard_normal((8, k.size)), n_boot=0)
+    assert 30 <= fit.midpoint <= 35 and fit.params[3] == pytest.approx(1.25)   # width at its floor, a quarter of the spacing
     with pytest.raises(ValueError, match="`t` must be at least 5 finite, strictly increasing points"):
         cd.fit_sigmoid(t[::-1], curves[:, ::-1])
     with pytest.raises(ValueError, match=r"`curves` must be \(seeds, 26\)"):

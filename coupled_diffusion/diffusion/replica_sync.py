@@ -122,11 +122,52 @@ def _sigmoid(p, t):
     return a + b * jax.nn.sigmoid((t - t0) / w)
 
 
-def _fit_one(t, y, p0):
+def _width(theta, sign, w_min):
+    """The signed width from its free coordinate: |w| = w_min + exp(theta) never reaches w_min or crosses 0."""
+    return sign * (w_min + jnp.exp(theta))
+
+
+def _fit_from(t, y, p0, w_min):
+    sign = jnp.sign(p0[3])
+    free0 = p0.at[3].set(jnp.log(jnp.maximum(jnp.abs(p0[3]) - w_min, w_min)))
+    model = lambda q: _sigmoid(q.at[3].set(_width(q[3], sign, w_min)), t)  # noqa: E731
     solver = optx.LevenbergMarquardt(rtol=1e-8, atol=1e-10)
-    sol = optx.least_squares(lambda p, args: _sigmoid(p, t) - y, solver, p0, max_steps=400, throw=False)
-    ok = (sol.result == optx.RESULTS.successful) & jnp.all(jnp.isfinite(sol.value)) & (sol.value[3] != 0)
-    return jnp.where(ok, sol.value, jnp.nan)
+    sol = optx.least_squares(lambda q, args: model(q) - y, solver, free0, max_steps=400, throw=False)
+    p = sol.value.at[3].set(_width(sol.value[3], sign, w_min))
+    return _checked(sol, p, t, y)
+
+
+def _fit_at_floor(t, y, p0, w_min):
+    """The same with the width held at its floor (three parameters): the fit for a step sharper than the grid,
+    where the free width runs to the floor and the solver never meets its tolerance there."""
+    w = jnp.sign(p0[3]) * w_min
+    solver = optx.LevenbergMarquardt(rtol=1e-8, atol=1e-10)
+    sol = optx.least_squares(lambda q, args: _sigmoid(jnp.append(q, w), t) - y, solver, p0[:3], max_steps=400, throw=False)
+    return _checked(sol, jnp.append(sol.value, w), t, y)
+
+
+def _checked(sol, p, t, y):
+    ok = (sol.result == optx.RESULTS.successful) & jnp.all(jnp.isfinite(p))
+    return jnp.where(ok, p, jnp.nan), jnp.where(ok, jnp.sum(jnp.square(_sigmoid(p, t) - y)), jnp.inf)
+
+
+def _fit_one(t, y, p0):
+    """Levenberg-Marquardt from `N_STARTS` midpoints spread over the window (the start's levels and width
+    otherwise), the best converged fit kept: a median curve that dips before it rises (seen in Protocol I)
+    sends a single start into a far-off, nearly linear solution. The width is bounded below by a quarter of
+    the finest grid spacing: a sharper step is unresolved between two grid points (any midpoint between
+    them fits almost as well), and without the bound the solver chases w -> 0; each start is also fitted
+    with the width at that floor."""
+    w_min = jnp.min(jnp.diff(t)) / 4
+    t0s = jnp.concatenate([p0[2:3], jnp.linspace(t[0], t[-1], N_STARTS - 1)])
+    starts = jax.vmap(lambda t0: p0.at[2].set(t0))(t0s)
+    p_free, e_free = jax.vmap(lambda q: _fit_from(t, y, q, w_min))(starts)
+    p_floor, e_floor = jax.vmap(lambda q: _fit_at_floor(t, y, q, w_min))(starts)
+    ps, sse = jnp.concatenate([p_free, p_floor]), jnp.concatenate([e_free, e_floor])
+    return ps[jnp.argmin(sse)]
+
+
+N_STARTS = 4
 
 
 def _start(t, y):
@@ -159,7 +200,9 @@ def fit_sigmoid(t, curves, *, n_boot: int = 1000, level: float = 0.95, key=None)
 
     The midpoint is the paper's speciation proxy (Protocol I, Table 1) and, for the coarse and fine
     scores, $t_{coarse}$ and $t_{fine}$ (eq 73). `t` must be increasing; a curve without a transition
-    in the window can give a midpoint outside it, which is reported as fitted, not clipped.
+    in the window can give a midpoint outside it, which is reported as fitted, not clipped. The
+    width $|w|$ is kept above a quarter of the finest spacing of `t` (a sharper step cannot be
+    resolved between grid points); a fit that does not converge gives NaN.
     """
     t = np.asarray(t, np.float64).reshape(-1)
     curves = np.asarray(curves, np.float64)
