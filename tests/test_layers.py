@@ -21,7 +21,7 @@ ROOT = pathlib.Path(coupled_diffusion.__file__).parent
 # the layers, lowest first: a module may import from its own layer and the ones before it
 LAYERS = [
     # 0. foundations: they import nothing of the package
-    ["_types", "_results", "_checks", "_linalg", "_checkpoint", "_runlock", "_version", "_cpu_tuning", "plotting"],
+    ["_types", "_results", "_checks", "_linalg", "_checkpoint", "_runlock", "_version", "_cpu_tuning", "_torch_peers", "plotting"],
     ["theory", "schedules"],  # 1. closed-form theory of coupled OU processes; coupling schedules g(t)
     ["sampling"],  # 2. exact-score simulation
     ["models"],  # 3. neural score models

@@ -22,6 +22,7 @@ reverse steps k (0 = the first, noisiest step) with the matching timesteps along
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -180,7 +181,14 @@ def _images(cfg: DiTSync, split: str):
     return jnp.asarray(x[..., None] * 2 - 1, jnp.float32), jnp.asarray(y, jnp.int32)
 
 
-def _train_step(graphdef, tx, schedule, cfg: DiTSync):
+@functools.lru_cache(maxsize=4)
+def _train_step(graphdef, cfg: DiTSync):
+    """`(tx, step)`: the optimizer and the jitted training step of `cfg`, built once per configuration
+    (a resumed run in the same process reuses the compiled step)."""
+    schedule = VPSchedule.linear(cfg.T)
+    lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, max(cfg.train_steps, cfg.warmup_steps + 1), cfg.lr / 100)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=1e-4))
+
     @jax.jit
     def step(params, opt, ema, i, images, labels):
         key = jax.random.fold_in(jax.random.key(cfg.seed), i)
@@ -204,7 +212,7 @@ def _train_step(graphdef, tx, schedule, cfg: DiTSync):
         new_ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, new_params)
         return new_params, new_opt, new_ema, loss, ok
 
-    return step
+    return tx, step
 
 
 def train_mnist_dit(cfg: DiTSync, out: Path, *, progress: bool = True, stop_at: int | None = None) -> tuple[DiT, list[dict]]:
@@ -215,9 +223,7 @@ def train_mnist_dit(cfg: DiTSync, out: Path, *, progress: bool = True, stop_at: 
     out = Path(out) / "model"
     model = build_mnist_dit(cfg)
     graphdef, params = nnx.split(model)
-    schedule = VPSchedule.linear(cfg.T)
-    lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, max(cfg.train_steps, cfg.warmup_steps + 1), cfg.lr / 100)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=1e-4))
+    tx, step = _train_step(graphdef, cfg)
     tree = {"params": params, "opt": tx.init(params), "ema": params}
     fields = json.loads(json.dumps(cfg.model_fields()))
     history: list[dict] = []
@@ -235,7 +241,6 @@ def train_mnist_dit(cfg: DiTSync, out: Path, *, progress: bool = True, stop_at: 
         end = cfg.train_steps if stop_at is None else min(int(stop_at), cfg.train_steps)
         if start < end:
             images, labels = _images(cfg, "train")
-            step = _train_step(graphdef, tx, schedule, cfg)
             bar = None
             if progress:
                 from tqdm.auto import tqdm
