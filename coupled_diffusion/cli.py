@@ -354,6 +354,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="Protocol II couplings (default 0,0.1,0.5,1)")
     p.add_argument("--train-steps", dest="train_steps", type=_POS_INT, help="DiT training steps (default 3600)")
     p.add_argument("--num-steps", dest="num_steps", type=_POS_INT, help="DDIM steps of both protocols (default 50)")
+    p.add_argument("--every", dest="intervention_every", type=_POS_INT,
+                   help="Protocol I: an intervention after every this many coupled steps (default 5)")
+    p.add_argument("--coarse-size", dest="coarse_size", type=_POS_INT, help="the coarse scale of eq 71-72, pooled pixels (default 7)")
     p.add_argument("--pairs", dest="n_pairs", type=_POS_INT, help="paired seeds (default 32)")
     p.add_argument("--label", type=_NONNEG_INT, help="the digit class of every pair (default 0, as the paper's class id 0)")
     p.add_argument("--init-eps", dest="init_eps", type=_NONNEG_FLOAT, help="replica initialisation eps of eq 67 (default 0.1)")
@@ -373,7 +376,8 @@ def _dit_sync_config(args):
     """The `dit-sync` run from the flags, validated (no JAX work)."""
     from .experiments.dit_sync import DiTSync
 
-    over = {k: getattr(args, k) for k in ("gs", "p2_gs", "train_steps", "num_steps", "n_pairs", "label", "init_eps", "data_path", "seed")
+    over = {k: getattr(args, k) for k in ("gs", "p2_gs", "train_steps", "num_steps", "intervention_every", "coarse_size", "n_pairs",
+                                          "label", "init_eps", "data_path", "seed")
             if getattr(args, k) is not None}
     try:
         cfg = (DiTSync.quick if args.quick else DiTSync)(**over)

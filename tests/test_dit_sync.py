@@ -13,7 +13,7 @@ from coupled_diffusion.cli import main
 from coupled_diffusion.experiments.dit_sync import DiTSync, protocol1, protocol2, run_dit_sync, train_mnist_dit
 
 TINY = dict(train_steps=12, ckpt_every=6, classifier_steps=10, num_steps=6, intervention_every=1, n_pairs=6, n_band=2,
-            n_boot=20, gs=(0.5,), p2_gs=(0.0, 1.0), T=50)
+            n_boot=20, gs=(0.5,), p2_gs=(0.0, 1.0), T=50, quality_per_class=2)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_pretrained_path_runs_on_small_random_models_in_both_formats(tmp_path):
                             ).save_pretrained(tmp_path / "vae")
     np.savez(tmp_path / "resnet50.npz", **{k: v.numpy() for k, v in torchvision.models.resnet50(num_classes=10).state_dict().items()})
 
-    cfg = DiTSync.quick(**{**TINY, "label": 7, "num_steps": 5})
+    cfg = DiTSync.quick(**{**TINY, "label": 7, "num_steps": 4, "n_pairs": 4, "n_band": 1})
     backbone = pretrained_backbone(tmp_path / "dit", tmp_path / "vae", tmp_path / "resnet50.npz", chunk=8)
     assert backbone.shape == (8, 8, 4) and backbone.schedule.T == 1000
     summary = run_dit_sync(cfg, tmp_path / "run", backbone=backbone, progress=False)

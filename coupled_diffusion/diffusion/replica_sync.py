@@ -412,7 +412,12 @@ def hidden_differences(pair: DiTPairEps, z_pair, t, *, g) -> Array:
     step of a trajectory these build the fixed basis of Protocol II (per block, [`difference_modes`][])."""
     z_pair = jnp.asarray(z_pair)
     b = z_pair.shape[1]
-    _, hidden = pair.with_hidden(z_pair, jnp.full((b,), t, jnp.int32), _check_g(g, batch=(b,)))
+    return _hidden_differences(pair, z_pair, jnp.full((b,), t, jnp.int32), _check_g(g, batch=(b,)))
+
+
+@eqx.filter_jit
+def _hidden_differences(pair, z_pair, t, g):
+    _, hidden = pair.with_hidden(z_pair, t, g)
     d = hidden[:, 0] - hidden[:, 1]
     return d.reshape(d.shape[:2] + (-1,))
 

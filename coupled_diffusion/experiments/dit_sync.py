@@ -78,6 +78,7 @@ class DiTSync:
       started by [`replica_init`][] with `init_eps`; coarse scale `coarse_size` (pooled pixels).
     - Protocol II: couplings `p2_gs`, deterministic DDIM with the same `num_steps` and seeds;
       bands of `n_band` modes. Bootstrap intervals from `n_boot` resamples of the seeds.
+    - The sample-quality score: `quality_per_class` samples of each digit, classified.
     """
 
     hidden_size: int = 128
@@ -104,6 +105,7 @@ class DiTSync:
     p2_gs: tuple[float, ...] = (0.0, 0.1, 0.5, 1.0)
     n_band: int = 3
     n_boot: int = 1000
+    quality_per_class: int = 10
     data_path: str | None = None
 
     def __post_init__(self):
@@ -116,7 +118,7 @@ class DiTSync:
 
     def validate(self) -> None:
         for name in ("hidden_size", "depth", "num_heads", "patch_size", "train_steps", "batch_size", "ckpt_every",
-                     "classifier_steps", "num_steps", "intervention_every", "n_band"):
+                     "classifier_steps", "num_steps", "intervention_every", "n_band", "quality_per_class"):
             _need(_int_at_least(getattr(self, name), 1), f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
         _need(_int_at_least(self.T, 2), f"`T` must be an integer >= 2, got {self.T!r}.")
         _need(28 % self.patch_size == 0, f"`patch_size` must divide 28 (1, 2, 4, 7, 14, 28), got {self.patch_size}.")
@@ -533,7 +535,7 @@ def run_dit_sync(cfg: DiTSync, out, *, backbone: Backbone | None = None, progres
             quality_file = out / "eval" / "quality.json"
             if not quality_file.exists():
                 (out / "eval").mkdir(parents=True, exist_ok=True)
-                q = sample_quality(model, classifier, cfg)
+                q = sample_quality(model, classifier, cfg, per_class=cfg.quality_per_class)
                 q.pop("samples")
                 _write_json(quality_file, q)
         timing["model_and_classifier_s"] = time.perf_counter() - t0
