@@ -380,26 +380,32 @@ def _per_pair(a, like):
     return a.reshape(a.shape + (1,) * (like.ndim - a.ndim))
 
 
+def _pair_step(schedule, z, eps_hat, t, tp, noise, eta, clip):
+    """One DDIM step of both replicas, `z` and `eps_hat` (2, B, ...), `noise` (2, B, ...) or None."""
+    b = z.shape[1]
+    flat = lambda a: a.reshape((2 * b,) + a.shape[2:])  # noqa: E731
+    full = lambda v: jnp.full((2 * b,), v, jnp.int32)  # noqa: E731
+    out = _ddim_step(schedule, flat(z), flat(eps_hat.astype(z.dtype)), full(t), full(tp), None if noise is None else flat(noise),
+                     eta, clip)
+    return out.reshape(z.shape)
+
+
 @eqx.filter_jit
 def _sample_replicas(eps_pair, schedule, key, z_pair, g, cut, num_steps, eta, shared_noise, clip):
     ts = timesteps(schedule.T, num_steps)
     b = z_pair.shape[1]
     t_prev = np.concatenate([ts[1:], [-1]]).astype(np.int32)
-    flat = lambda a: a.reshape((2 * b,) + a.shape[2:])  # noqa: E731
 
     def body(z, inp):
         i, t, tp = inp
         coupled = t > cut  # scalar or (B,)
         eps_hat = eps_pair(z, jnp.full((b,), t, jnp.int32), jnp.where(coupled, g, jnp.zeros_like(g)))
-        draw = None
+        n = None
         if eta > 0:
             n = jax.random.normal(jax.random.fold_in(key, i), z.shape, z.dtype)
             if shared_noise:
                 n = jnp.where(_per_pair(coupled, n[0]), jnp.stack([n[0], n[0]]), n)
-            draw = flat(n)
-        tb = jnp.full((2 * b,), t, jnp.int32)
-        z = _ddim_step(schedule, flat(z), flat(eps_hat.astype(z.dtype)), tb, jnp.full((2 * b,), tp, jnp.int32), draw, eta, clip)
-        return z.reshape((2, b) + z.shape[1:]), None
+        return _pair_step(schedule, z, eps_hat, t, tp, n, eta, clip), None
 
     xs = (jnp.arange(len(ts), dtype=jnp.int32), jnp.asarray(ts), jnp.asarray(t_prev))
     z, _ = jax.lax.scan(body, z_pair, xs)
@@ -451,16 +457,13 @@ def _energy_trajectory(pair, schedule, z_pair, modes, g, num_steps, clip):
     ts = timesteps(schedule.T, num_steps)
     b = z_pair.shape[1]
     t_prev = np.concatenate([ts[1:], [-1]]).astype(np.int32)
-    flat = lambda a: a.reshape((2 * b,) + a.shape[2:])  # noqa: E731
 
     def body(z, inp):
         t, tp = inp
         eps_hat, hidden = pair.with_hidden(z, jnp.full((b,), t, jnp.int32), g)
         d = (hidden[:, 0] - hidden[:, 1]).reshape(hidden.shape[0], b, -1).astype(modes.basis.dtype)
         e = jnp.square(jnp.einsum("lsd,lkd->lsk", d, modes.basis)) / modes.eigenvalues[:, None, :]
-        tb = jnp.full((2 * b,), t, jnp.int32)
-        z = _ddim_step(schedule, flat(z), flat(eps_hat.astype(z.dtype)), tb, jnp.full((2 * b,), tp, jnp.int32), None, 0.0, clip)
-        return z.reshape((2, b) + z.shape[1:]), e
+        return _pair_step(schedule, z, eps_hat, t, tp, None, 0.0, clip), e
 
     _, energies = jax.lax.scan(body, z_pair, (jnp.asarray(ts), jnp.asarray(t_prev)))
     return energies

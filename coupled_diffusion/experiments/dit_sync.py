@@ -38,6 +38,7 @@ from flax import nnx
 from .._checkpoint import Checkpoints
 from .._runlock import RunLock
 from ..data.mnist import load_mnist
+from ..diffusion.config import _need
 from ..diffusion.noise import VPSchedule, add_noise
 from ..diffusion.replica_sync import (
     block_modes,
@@ -51,14 +52,10 @@ from ..diffusion.replica_sync import (
 from ..diffusion.samplers import timesteps
 from ..models.dit import DiT
 from ..models.replica import replica_init
+from .sync_sweep import _write_json
 
 __all__ = ["Backbone", "DiTSync", "DigitClassifier", "pretrained_backbone", "protocol1", "protocol2", "run_dit_sync",
            "train_digit_classifier", "train_mnist_dit"]
-
-
-def _need(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
 
 
 def _int_at_least(v, least: int) -> bool:
@@ -487,12 +484,6 @@ def _boot_ratio(lead, trail, n_boot, seed):
 # ------------------------------------------------------------------------------------------------ the run
 
 
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=lambda x: x.tolist() if isinstance(x, np.ndarray) else x.item()))
-    os.replace(tmp, path)
-
-
 def _save_npz(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, **data)
@@ -610,14 +601,17 @@ def summarize(cfg: DiTSync, out, *, classifier_accuracy=None, history=None, T: i
     p2 = {}
     for g in cfg.p2_gs:
         r = load("p2", g)
-        gk, mk = zip(*[(a, b) for a, b in known if np.isfinite(b)], strict=True) if any(np.isfinite(b) for _, b in known) else ((0,), (0,))
-        k_spec = float(np.interp(g, gk, mk))
-        step = int(np.clip(round(k_spec), 0, cfg.num_steps - 1))
+        fitted = [(a, b) for a, b in known if np.isfinite(b)]
+        if fitted:  # the Protocol I midpoint at g (interpolated between the couplings measured)
+            k_spec, source = float(np.interp(g, *zip(*fitted, strict=True))), "protocol1"
+        else:  # no Protocol I fit converged: the middle step, and the summary says so
+            k_spec, source = float("nan"), "no Protocol I midpoint: the middle step"
+        step = int(np.clip(round(k_spec), 0, cfg.num_steps - 1)) if fitted else cfg.num_steps // 2
         lead, trail = r["lead"][step], r["trail"][step]                         # (depth, S)
         ratio = trail.mean(-1) / lead.mean(-1)
         depth = lead.shape[0]
         ci_last = _boot_ratio(lead[-1], trail[-1], cfg.n_boot, cfg.seed + 5)
-        p2[g] = {"k_spec": k_spec, "step": step, "t": int(ts[step]), "R": ratio.tolist(), "R_last_ci": list(ci_last),
+        p2[g] = {"k_spec": k_spec, "step_source": source, "step": step, "t": int(ts[step]), "R": ratio.tolist(), "R_last_ci": list(ci_last),
                  "lead_mean": lead.mean(-1).tolist(), "lead_std": lead.std(-1).tolist(),
                  "trail_mean": trail.mean(-1).tolist(), "trail_std": trail.std(-1).tolist(),
                  "R_time_last": (r["trail"][:, -1].mean(-1) / r["lead"][:, -1].mean(-1)).tolist(),
