@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 
 def test_figures_command_writes_pngs_and_json(tmp_path):
@@ -21,6 +22,7 @@ def test_figures_command_writes_pngs_and_json(tmp_path):
     assert "figure5" in proc.stderr  # progress display
 
 
+@pytest.mark.slow  # ~40 s (a subprocess); run with -m slow
 def test_exact_score_command_runs_small(tmp_path):
     out = tmp_path / "es"
     proc = subprocess.run([sys.executable, "-m", "coupled_diffusion.cli", "exact-score", "--out", str(out), "--dims", "16",

@@ -42,6 +42,7 @@ def test_bad_schedule_name_raises():
         conditional_experiment(schedules=("sometimes",))
 
 
+@pytest.mark.slow  # ~40 s (a subprocess); the conditional sampler itself is tested above; run with -m slow
 def test_conditional_command_writes_three_figures_and_json(tmp_path):
     out = tmp_path / "cond"
     proc = subprocess.run([sys.executable, "-m", "coupled_diffusion.cli", "conditional", "--out", str(out), "--n-trials", "64",

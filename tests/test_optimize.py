@@ -48,6 +48,7 @@ def test_gap_objective_matches_eq66_for_a_constant_schedule_and_moves_the_gap():
     assert np.all(np.abs(np.asarray(res.schedule.values)) < 0.9)
 
 
+@pytest.mark.slow  # ~45 s on the 2-core CI machine; run with -m slow
 def test_speciation_with_collapse_keeps_collapse_within_tolerance():
     ref = cd.CoupledOU.symmetric(1.0, 0.0, 2.0)
     obj = cd.speciation_with_collapse_objective(_make, DATA, target=0.72, alpha=0.5, tolerance=0.01, reference_ou=ref)

@@ -13,6 +13,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from coupled_diffusion._torch_peers import tie_dit_embedders  # noqa: E402
 from coupled_diffusion.models.pretrained import (  # noqa: E402
     dit_from_diffusers,
     dit_from_official,
@@ -25,11 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWa
 HEADS, HEAD_DIM, DEPTH, SIZE, PATCH, CLASSES, C = 2, 16, 3, 8, 2, 10, 4
 
 
-def _tie_embedders(model):
-    """diffusers keeps a timestep/label embedder in every block; converted DiT checkpoints hold identical copies."""
-    ref = model.transformer_blocks[0].norm1.emb.state_dict()
-    for block in model.transformer_blocks[1:]:
-        block.norm1.emb.load_state_dict(ref)
+_tie_embedders = tie_dit_embedders  # diffusers keeps an embedder per block; converted checkpoints hold identical copies
 
 
 @pytest.fixture(scope="module")

@@ -119,6 +119,7 @@ def test_train_command_writes_a_run_and_samples(tmp_path, monkeypatch, capsys):
         main(args[:5] + ["--steps", "4"] + args[7:] + ["--debug"])
 
 
+@pytest.mark.slow  # ~45 s (a 400-step classifier); run with -m slow
 def test_evaluate_run_scores_real_pairs_high_and_a_tiny_run_lower():
     run = train(TINY, data=_data(), progress=False)  # trained on squares: its samples are no digits
     q = cd.evaluate_run(run, 32, classifier_steps=400)
