@@ -72,6 +72,7 @@ from .sampling.draws import (
     sample_empirical as sample_empirical,
     sample_marginal as sample_marginal,
 )
+from .sampling.patch import PatchScore as PatchScore, patch_indices as patch_indices
 from .sampling.scores import ConditionalScore as ConditionalScore, EmpiricalScore as EmpiricalScore, PopulationScore as PopulationScore
 from .sampling.sde import (
     forward_sde as forward_sde,
