@@ -116,6 +116,7 @@ class EmpiricalScore(eqx.Module):
         (a slice or indices along d) only those coordinates of the score are accumulated and returned (the
         weights still use all of z): what a patch score needs of each patch's centre."""
         _check_state(z, self.points.shape[1:], "z")
+        pick = (lambda x: x) if select is None else (lambda x: x[..., select])  # noqa: E731 - the accumulated coordinates
         E, Q = self.path(t)
         Qi = jnp.linalg.inv(0.5 * (Q + Q.T)).astype(z.dtype)
         E = E.astype(z.dtype)
@@ -139,7 +140,7 @@ class EmpiricalScore(eqx.Module):
             p = jnp.exp(logits - new_m[:, None])
             scale = jnp.exp(m_run - new_m)
             s_new = s_run * scale + jnp.sum(p, axis=1)
-            w_new = w_run * scale[:, None, None] + jnp.einsum("bc,ckd->bkd", p, m if select is None else m[..., select])
+            w_new = w_run * scale[:, None, None] + jnp.einsum("bc,ckd->bkd", p, pick(m))
             c_arg = jnp.argmax(logits, axis=1).astype(jnp.int32) + offset
             better = c_max > best
             return (new_m, s_new, w_new, jnp.where(better, c_max, best), jnp.where(better, c_arg, arg)), None
@@ -147,14 +148,14 @@ class EmpiricalScore(eqx.Module):
         init = (
             jnp.full((B,), -jnp.inf, z.dtype),
             jnp.zeros((B,), z.dtype),
-            jnp.zeros_like(flat_a if select is None else flat_a[..., select]),
+            jnp.zeros_like(pick(flat_a)),
             jnp.full((B,), -jnp.inf, z.dtype),
             jnp.zeros((B,), jnp.int32),
         )
         offsets = jnp.arange(n_chunks, dtype=jnp.int32) * c
         (m_run, s_run, w_run, best, arg), _ = jax.lax.scan(body, init, (pts, valid, offsets))
         mean = w_run / s_run[:, None, None]
-        score = kron_apply(Qi, mean) - (flat_a if select is None else flat_a[..., select])
+        score = kron_apply(Qi, mean) - pick(flat_a)
         score = score.reshape(batch + score.shape[-2:])
         log_z = (m_run + jnp.log(s_run)).reshape(batch)
         return score, log_z, best.reshape(batch), arg.reshape(batch)
