@@ -31,9 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..theory.moments import MomentPath
 from ..theory.ou import CoupledOU
-from .scores import EmpiricalScore, _check_state
+from .scores import EmpiricalScore, _check_state, _moment_path
 
 __all__ = ["PatchScore", "patch_indices"]
 
@@ -56,8 +55,7 @@ class PatchScore(eqx.Module):
     call it as `score(t, z)` with `z` of shape `(..., k, d)`."""
 
     empirical: EmpiricalScore  # the shared bank (equivariant), or position 0's (a template for the others)
-    points: jax.Array | None  # without equivariance: (d, n, k, P**ndim), each position's training patches
-    chunks: jax.Array | None  # ... and the same padded into the scan's chunks, once
+    chunks: jax.Array | None  # without equivariance: each position's training patches, padded into the scan's chunks once
     index: jax.Array  # (d, P**ndim): each pixel's patch, flat indices
     side: int = eqx.field(static=True)
     patch: int = eqx.field(static=True)
@@ -84,20 +82,18 @@ class PatchScore(eqx.Module):
                              f"got {patch!r}.")
         if not (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1):
             raise ValueError(f"`chunk` must be a positive integer, got {chunk!r}.")
-        if ou.time_dependent and t_max is None:
-            raise ValueError("A time-dependent M needs `t_max` (the horizon of its moment ODE).")
         ndim = images.ndim - 2
         index = patch_indices(side, int(patch), ndim)
-        path = MomentPath.of(ou, t_max if t_max is not None else 0.0)
+        path = _moment_path(ou, t_max)
         patches = jnp.moveaxis(images.reshape(n, k, -1)[:, :, index], 2, 0)  # (positions, n, k, P**ndim)
         if equivariant:  # one bank, position-major: entry j is image j % n at position j // n
             emp = EmpiricalScore(path, patches.reshape((-1,) + patches.shape[2:]), min(chunk, patches.shape[0] * n))
-            points = chunks = None
+            chunks = None
         else:
             c = min(chunk, n)
             emp = EmpiricalScore(path, patches[0], c)
-            points, chunks = patches, jax.vmap(lambda b: EmpiricalScore(path, b, c).chunks)(patches)
-        return cls(emp, points, chunks, jnp.asarray(index), side, int(patch), ndim, bool(equivariant))
+            chunks = jax.vmap(lambda b: EmpiricalScore(path, b, c).chunks)(patches)
+        return cls(emp, chunks, jnp.asarray(index), side, int(patch), ndim, bool(equivariant))
 
     @property
     def dim(self) -> int:
@@ -114,11 +110,10 @@ class PatchScore(eqx.Module):
         if self.equivariant:
             score, log_z, best, arg = self.empirical._scan(t, u, centre)
         else:
-            def one(points, chunks, u_x):
-                emp = eqx.tree_at(lambda e: (e.points, e.chunks), self.empirical, (points, chunks))
-                return emp._scan(t, u_x, centre)
+            def one(chunks, u_x):  # position 0's score with this position's bank (same n, same shapes)
+                return eqx.tree_at(lambda e: e.chunks, self.empirical, chunks)._scan(t, u_x, centre)
 
-            score, log_z, best, arg = jax.vmap(one, in_axes=(0, 0, -3), out_axes=(-3, -1, -1, -1))(self.points, self.chunks, u)
+            score, log_z, best, arg = jax.vmap(one, in_axes=(0, -3), out_axes=(-3, -1, -1, -1))(self.chunks, u)
         return score[..., 0], log_z, best, arg
 
     def __call__(self, t, z):

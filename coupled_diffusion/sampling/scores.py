@@ -34,9 +34,7 @@ class PopulationScore(eqx.Module):
     def of(cls, ou: CoupledOU, data: TwoClassMixture, means, *, t_max=None) -> "PopulationScore":
         """`t_max` bounds the times a time-dependent M will be asked at (its ODE horizon)."""
         _check_means(data, means)
-        if ou.time_dependent and t_max is None:
-            raise ValueError("A time-dependent M needs `t_max` (the horizon of its moment ODE).")
-        return cls(MomentPath.of(ou, t_max if t_max is not None else 0.0), means, data.variances)
+        return cls(_moment_path(ou, t_max), means, data.variances)
 
     def _parts(self, t, z):
         _check_state(z, self.means.shape, "z")
@@ -68,6 +66,13 @@ def _check_state(z, shape, name):
     if z.shape[-len(shape):] != tuple(shape):
         raise ValueError(f"`{name}` must have shape (..., {', '.join(map(str, shape))}) (batch, then k modalities of dimension d), "
                          f"got {z.shape}.")
+
+
+def _moment_path(ou: CoupledOU, t_max) -> MomentPath:
+    """The process's moment path for a score; a time-dependent M needs `t_max`, its moment ODE's horizon."""
+    if ou.time_dependent and t_max is None:
+        raise ValueError("A time-dependent M needs `t_max` (the horizon of its moment ODE).")
+    return MomentPath.of(ou, t_max if t_max is not None else 0.0)
 
 
 def _check_means(data, means):
@@ -107,9 +112,7 @@ class EmpiricalScore(eqx.Module):
             raise ValueError(f"`points` must have shape (n, k, d) with k = {ou.k}, got {points.shape}.")
         if not (isinstance(chunk, int) and chunk >= 1):
             raise ValueError(f"`chunk` must be a positive integer, got {chunk!r}.")
-        if ou.time_dependent and t_max is None:
-            raise ValueError("A time-dependent M needs `t_max` (the horizon of its moment ODE).")
-        return cls(MomentPath.of(ou, t_max if t_max is not None else 0.0), points, min(chunk, points.shape[0]))
+        return cls(_moment_path(ou, t_max), points, min(chunk, points.shape[0]))
 
     def _scan(self, t, z, select=None):
         """Online log-sum-exp over the training set: `(score, log Z, max logit, argmax)`. With `select`
@@ -200,9 +203,7 @@ class ConditionalScore(eqx.Module):
         _check_means(data, means)
         if data.k < 2:
             raise ValueError("A conditional score needs k >= 2 modalities.")
-        if ou.time_dependent and t_max is None:
-            raise ValueError("A time-dependent M needs `t_max` (the horizon of its moment ODE).")
-        return cls(MomentPath.of(ou, t_max if t_max is not None else 0.0), means, data.variances, target % data.k)
+        return cls(_moment_path(ou, t_max), means, data.variances, target % data.k)
 
     def _parts(self, t, x):
         """Per-time quantities: $C_{y|x}$, $K = C_{yx}C_{xx}^{-1}$, $\\delta = \\mu_y - K\\mu_x$, and $h = \\mu_x^\\top C_{xx}^{-1} x$."""
