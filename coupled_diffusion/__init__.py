@@ -72,7 +72,20 @@ from .sampling.draws import (
     sample_empirical as sample_empirical,
     sample_marginal as sample_marginal,
 )
-from .sampling.patch import PatchScore as PatchScore, patch_indices as patch_indices
+from .sampling.criticality import (
+    CorrelationLength as CorrelationLength,
+    GinzburgLandauFit as GinzburgLandauFit,
+    ModeRates as ModeRates,
+    correlation_function as correlation_function,
+    correlation_length as correlation_length,
+    critical_time as critical_time,
+    fourier_modes as fourier_modes,
+    ginzburg_landau_fit as ginzburg_landau_fit,
+    mode_growth_rates as mode_growth_rates,
+    reverse_drift as reverse_drift,
+    structure_factor as structure_factor,
+)
+from .sampling.patch import GaussianPatchScore as GaussianPatchScore, PatchScore as PatchScore, patch_indices as patch_indices
 from .sampling.scores import ConditionalScore as ConditionalScore, EmpiricalScore as EmpiricalScore, PopulationScore as PopulationScore
 from .sampling.sde import (
     forward_sde as forward_sde,

@@ -57,6 +57,18 @@ class RESULTS(optx.RESULTS):  # pyright: ignore
         "The replica coupling strength g must lie in [0, 1]: eq (19) mixes the intra- and "
         "inter-replica attention with weights 1 - g/2 and g/2."
     )
+    no_critical_point = (
+        "No critical point: the top Fourier growth rate of the linearised reverse drift is negative on the "
+        "whole of [t_min, t_max], so no mode is ever amplified. Decrease `t_min`, or the model has no "
+        "instability (e.g. data less correlated than the prior)."
+    )
+    critical_beyond_t_max = (
+        "The top growth rate is still >= 0 at t_max: the critical time lies beyond t_max. Increase `t_max`."
+    )
+    nonfinite_rate = (
+        "The growth rate is not finite somewhere on the grid (a singular score, e.g. near t = 0 where "
+        "Q(0) = 0): increase `t_min` or check the model's parameters."
+    )
     not_mode_decomposable = (
         "The eigenmode formulas need a symmetric M and equal data variances "
         "(sigma_x^2 = sigma_y^2); use the general solver for this input."
