@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..theory.ou import CoupledOU
 from ..theory.moments import MomentPath
+from ..theory.ou import CoupledOU
 from .scores import EmpiricalScore, _check_state, _moment_path
 
 __all__ = ["GaussianPatchScore", "PatchScore", "patch_indices"]
@@ -206,7 +206,8 @@ class GaussianPatchScore(eqx.Module):
         weights = jnp.asarray(weights, means.dtype)
         w = np.asarray(weights) if not isinstance(weights, jax.core.Tracer) else None
         if weights.shape != (n_c,) or (w is not None and (not np.all(w > 0) or abs(w.sum() - 1) > 1e-6)):
-            raise ValueError(f"`weights` must be {n_c} positive cluster probabilities summing to 1, got {w if w is not None else weights.shape}.")
+            got = w if w is not None else weights.shape
+            raise ValueError(f"`weights` must be {n_c} positive cluster probabilities summing to 1, got {got}.")
         index = jnp.asarray(patch_indices(int(side), patch, ndim))
         return cls(_moment_path(ou, t_max), means, 0.5 * (cov + cov.T), jnp.log(weights), index, int(side), patch, int(ndim))
 
