@@ -34,3 +34,25 @@ def test_exact_score_command_runs_small(tmp_path):
     mem = json.loads((out / "memorization.json").read_text())
     assert [r["n"] for r in mem["cases"]] == [64, 512]
     assert (out / "cloning.png").exists() and (out / "memorization.png").exists()
+
+
+def test_patterns_command_rejects_an_even_patch_before_any_work():
+    proc = subprocess.run([sys.executable, "-m", "coupled_diffusion.cli", "patterns", "--patch", "4"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "odd patch side" in proc.stderr
+
+
+@pytest.mark.slow  # ~70 s (a subprocess); run with -m slow
+def test_patterns_command_runs_small(tmp_path):
+    out = tmp_path / "pat"
+    proc = subprocess.run([sys.executable, "-m", "coupled_diffusion.cli", "patterns", "--out", str(out), "--quick"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads((out / "patterns.json").read_text())
+    assert set(d["models"]) == {"gaussian", "two_cluster", "patch_empirical", "full_empirical"}
+    assert d["jvp_vs_exact_max_abs"] < 1e-4  # float32: the two routes to the same symbol
+    assert abs(sum(d["params"]["two_cluster_weights"]) - 1) < 1e-6
+    rms = {k: m["nearest_rms"]["median"] for k, m in d["models"].items()}
+    assert rms["full_empirical"] < min(rms["gaussian"], rms["two_cluster"], rms["patch_empirical"])  # memorises vs creates
+    for name in ("mode_rates", "correlation_length", "samples"):
+        assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"

@@ -88,11 +88,7 @@ def random_model(rng, k, patch, ndim, clusters):
     return means, cov, weights / weights.sum()
 
 
-CASES = [(1, 8, 3), (1, 7, 5), (2, 5, 3)]
-
-
-@pytest.mark.parametrize("ndim,side,patch", CASES)
-@pytest.mark.parametrize("clusters", [1, 2])
+@pytest.mark.parametrize("ndim,side,patch,clusters", [(1, 8, 3, 1), (1, 7, 5, 2), (2, 5, 3, 1), (2, 5, 3, 2)])
 def test_gaussian_patch_score_and_its_exact_rates_match_numpy(ndim, side, patch, clusters):
     """The score pixel by pixel, and the rates against the eigenvalues of the dense drift Jacobian at the mean state."""
     rng = np.random.default_rng(10 * ndim + side + clusters)
