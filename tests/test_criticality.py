@@ -144,6 +144,8 @@ def test_jvp_rates_equal_the_exact_rates_for_both_patch_models_and_a_mode_subset
         sub = cd.mode_growth_rates(OU_SYM, s, ts, method="jvp", modes=modes)
         pick = [int(np.flatnonzero((np.asarray(exact.wavenumbers) % side == m % side).all(1))[0]) for m in modes]
         np.testing.assert_allclose(np.asarray(sub.rates), np.asarray(exact.rates[:, pick]), rtol=1e-9, atol=1e-10)
+        back = cd.mode_growth_rates(OU_SYM, s, ts, method="vjp", modes=modes)  # reverse mode: the same symbol
+        np.testing.assert_allclose(np.asarray(back.matrix), np.asarray(sub.matrix), rtol=1e-9, atol=1e-10)
     # a batch of states: the symbol averaged over them (state-independent for the Gaussian model)
     g1 = cd.GaussianPatchScore.fit(OU_SYM, images, patch)
     zs = jnp.asarray(rng.standard_normal((3, 2, side * side)))
@@ -326,3 +328,35 @@ def test_a_plain_score_function_gets_jvp_rates_with_explicit_geometry():
     rates = cd.mode_growth_rates(OU_1, score, 0.7, side=side, ndim=1, z=jnp.zeros((1, side)))
     q = 2 * np.pi * cd.fourier_modes(side, 1)[:, 0] / side
     np.testing.assert_allclose(np.asarray(rates.rates[:, 0]), 1 + 2 * (-1 + 2 * a * np.cos(q)), rtol=1e-12, atol=1e-12)
+
+
+def test_a_vp_noise_predictor_is_the_score_of_the_equivalent_ou_process():
+    """EmpiricalEps (the exact VP denoiser of a point set) through VPScore against EmpiricalScore of the OU process
+    M = -I, sigma_W^2 = 2 at the timesteps' OU times s_n = -log(alphabar_n) / 2; then the same jvp rates."""
+    rng = np.random.default_rng(4)
+    H = W = 4
+    points = rng.uniform(-1, 1, (6, H, W, 2)).astype(np.float32)
+    sched = cd.VPSchedule.linear(50)
+    vp = cd.VPScore.of(cd.EmpiricalEps(points, sched, cd.ModeNoise.isotropic(2)), sched, shape=(H, W, 2))
+    ref = cd.EmpiricalScore.of(vp.ou, jnp.asarray(np.moveaxis(points, -1, 1).reshape(6, 2, H * W), jnp.float64))
+    z = jnp.asarray(rng.standard_normal((3, 2, H * W)))
+    for n in (5, 20, 45):
+        s = float(vp.ou_time(n))
+        assert int(vp.timestep(s)) == n
+        np.testing.assert_allclose(np.asarray(vp(s, z)), np.asarray(ref(s, z)), rtol=2e-5, atol=2e-5)
+        zbar = jnp.exp(-s) * jnp.asarray(points.mean(0).T.reshape(2, -1), jnp.float64)
+        a = cd.mode_growth_rates(vp.ou, vp, s, z=zbar, side=H, ndim=2, modes=[[0, 0], [0, 1], [1, 1]])
+        b = cd.mode_growth_rates(vp.ou, ref, s, z=zbar, side=H, ndim=2, modes=[[0, 0], [0, 1], [1, 1]])
+        np.testing.assert_allclose(np.asarray(a.rates), np.asarray(b.rates), rtol=1e-4, atol=1e-4)
+    # the experiment's network path (reverse-mode probes, mean state sqrt(alphabar) x_mean) on the same exact denoiser
+    from coupled_diffusion.experiments.patterns import network_criticality
+
+    x_mean = points.mean(0).T.reshape(2, -1)
+    net = network_criticality(vp.eps_fn, sched, x_mean, shape=(H, W, 2), shells=2, n_times=4, gl_shells=2)
+    for n, top in zip(net["timesteps"], net["top"], strict=True):
+        s = float(vp.ou_time(int(n)))
+        want = cd.mode_growth_rates(vp.ou, ref, s, z=jnp.exp(-s) * jnp.asarray(x_mean, jnp.float64), side=H, ndim=2,
+                                    modes=[[0, 0], [0, 1], [1, 0], [0, -1], [-1, 0]]).top
+        np.testing.assert_allclose(top, float(want), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="shape"):
+        cd.VPScore.of(vp.eps_fn, sched, shape=(4, 4))

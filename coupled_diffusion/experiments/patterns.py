@@ -184,3 +184,53 @@ def pattern_formation(
 
 def _first_sentence(text: str) -> str:
     return text.split(":")[0] if ":" in text else text
+
+
+def network_criticality(eps_fn, schedule, x_mean, *, shape, shells: int = 6, n_times: int = 16, gl_shells: int = 3,
+                        batch: int | None = 64) -> dict:
+    r"""Mode rates, $t_c$ and the Ginzburg-Landau fit of a trained VP noise predictor (a U-Net or DiT of the MNIST runs).
+
+    The network is read as the score of its equivalent OU process ([`VPScore`][]); the reverse drift is linearised
+    about the mean state $\sqrt{\bar\alpha_n}\,\bar x$ (`x_mean`, `(k, H W)`: the training data's mean image) at
+    `n_times` timesteps log-spaced over the schedule, and probed by jvp on the wavenumbers of the `shells` smallest
+    $|q|$ shells (the network's Jacobian is not translation invariant: these are the diagonal elements of $J$ in the
+    Fourier basis). $t_c$ is where the linear interpolation of the top rate over the timesteps' OU times crosses
+    zero (`critical_time`, with its result code). `shape`: the model's `(H, W, k)`.
+    """
+    from ..diffusion.exact import VPScore
+    from ..sampling.criticality import ModeRates, _jvp_symbol, _sorted_real_eigenvalues, fourier_modes, reverse_drift
+
+    H, W, k = shape
+    if H != W:
+        raise ValueError(f"the images must be square for the Fourier shells, got {H} x {W}.")
+    vp = VPScore.of(eps_fn, schedule, shape=shape)
+    x_mean = jnp.asarray(x_mean, jnp.float32)
+    if x_mean.shape != (k, H * W):
+        raise ValueError(f"`x_mean` must be (k, H W) = ({k}, {H * W}), got {x_mean.shape}.")
+    T = int(schedule.alphas_cumprod.shape[0])
+    steps = np.unique(np.rint(np.geomspace(1, T - 1, n_times)).astype(int))
+    s = np.asarray(vp.ou_time(steps), np.float64)
+    every = fourier_modes(H, 2)
+    n2 = np.sum(every**2, -1)
+    modes = every[n2 <= np.unique(n2)[shells - 1]]
+    drift = reverse_drift(vp.ou, vp)
+
+    def one(args):
+        ss, ab = args
+        zbar = jnp.sqrt(ab) * x_mean
+        return _jvp_symbol(lambda v: drift(ss, v), zbar, modes, H, 2, batch, reverse=True)  # custom-VJP convolutions
+
+    ab = schedule.alphas_cumprod[jnp.asarray(steps)]
+    G = jax.jit(lambda a, b: jax.lax.map(one, (a, b)))(jnp.asarray(s, jnp.float32), ab)
+    rates = ModeRates(jnp.asarray(modes), G, _sorted_real_eigenvalues(G), H)
+    top = np.asarray(rates.top, np.float64)
+    sol = critical_time(lambda t, r: jnp.interp(t, jnp.asarray(s), r), jnp.asarray(top), t_min=s[0], t_max=s[-1],
+                        grid_size=4 * len(s), throw=False)
+    gl = ginzburg_landau_fit(rates, shells=gl_shells)
+    shell_n2, shell_rates = rates.shells()
+    return {
+        "timesteps": steps, "ou_times": s, "shell_n2": shell_n2, "shell_rates": np.asarray(shell_rates[..., 0]), "top": top,
+        "t_c": float(sol.value) if bool(sol.found) else None, "t_c_result": "found" if bool(sol.found) else _first_sentence(sol.message),
+        "t_c_timestep": float(np.interp(float(sol.value), s, steps)) if bool(sol.found) else None,
+        "gl_r": np.asarray(gl.r), "gl_c": np.asarray(gl.c), "gl_xi": np.asarray(gl.xi),
+    }

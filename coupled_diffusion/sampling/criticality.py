@@ -170,8 +170,9 @@ def _exact_symbol(ou, score, t):
     return -M[None] + ou.sigma_w2 * jnp.moveaxis(Khat, -1, 0)  # (n_q, k, k)
 
 
-def _jvp_symbol(f, z, wavenumbers, side, ndim, batch):
-    """$G_{ab}(q) = d^{-1} \\sum_x e^{-iqx} [J(e_b e^{iq\\cdot})]_a(x)$ by batched Jacobian-vector products."""
+def _jvp_symbol(f, z, wavenumbers, side, ndim, batch, reverse=False):
+    """$G_{ab}(q) = d^{-1} \\sum_x e^{-iqx} [J(e_b e^{iq\\cdot})]_a(x)$ by batched Jacobian-vector products (or, with
+    `reverse`, vector-Jacobian products: for models whose operations only define a VJP)."""
     k, d = z.shape
     pos = np.stack(np.unravel_index(np.arange(d), (side,) * ndim), -1)  # pixel coordinates, row-major
     phase = jnp.asarray(2 * np.pi / side * pos @ np.asarray(wavenumbers).T, z.dtype)  # (d, n_q)
@@ -179,11 +180,15 @@ def _jvp_symbol(f, z, wavenumbers, side, ndim, batch):
     waves = jnp.stack([jnp.cos(phase.T), jnp.sin(phase.T)], 1)  # (n_q, 2, d)
     eye = jnp.eye(k, dtype=z.dtype)
     probes = waves[:, :, None, None, :] * eye[None, None, :, :, None]  # (n_q, 2, b, k, d)
+    if reverse:  # G_ab(q) = d^-1 sum_x conj([J^T(e_a e^{iq.})]_b(x)) e^{iqx}: vector-Jacobian products
+        _, pullback = jax.vjp(f, z)
+        out = jax.lax.map(lambda v: pullback(v)[0], probes.reshape(-1, k, d), batch_size=batch).reshape(n_q, 2, k, k, d)
+        JTphi = out[:, 0] + 1j * out[:, 1]  # (n_q, a, b, d)
+        return jnp.einsum("xq,qabx->qab", jnp.exp(1j * phase), jnp.conj(JTphi)) / d
     _, lin = jax.linearize(f, z)
     out = jax.lax.map(lin, probes.reshape(-1, k, d), batch_size=batch).reshape(n_q, 2, k, k, d)
     Jphi = out[:, 0] + 1j * out[:, 1]  # (n_q, b, a, d)
-    G = jnp.einsum("xq,qbax->qab", jnp.exp(-1j * phase), Jphi) / d
-    return G
+    return jnp.einsum("xq,qbax->qab", jnp.exp(-1j * phase), Jphi) / d
 
 
 def mode_growth_rates(ou: CoupledOU, score, t, *, method: str = "auto", z=None, modes=None, side=None, ndim=None,
@@ -195,8 +200,9 @@ def mode_growth_rates(ou: CoupledOU, score, t, *, method: str = "auto", z=None, 
     - `ou`: the forward process ($M(t)$, $\sigma_W^2$).
     - `score`: any score `score(t, z)` on states `(..., k, d)`; the patch models carry their geometry.
     - `t`: forward time(s) $> 0$; a 1-D array gives rates at each.
-    - `method`: `"exact"` (patch models: the Jacobian kernel, all modes), `"jvp"` (any score), or
-        `"auto"` (exact where possible).
+    - `method`: `"exact"` (patch models: the Jacobian kernel, all modes), `"jvp"` (any score), `"vjp"`
+        (the same symbol by reverse mode, for models built on `custom_vjp` operations such as the
+        oneDNN convolutions of the CPU U-Net), or `"auto"` (exact where possible).
     - `z`: the linearisation state `(k, d)` for `"jvp"`; default the patch model's mean state
         $E(t)\bar m$ (constant across pixels). A network needs it (e.g. $E(t)$ times the data mean). A
         batch `(n, k, d)` (e.g. samples of $z_t$) gives the symbol averaged over those states: the rates
@@ -212,13 +218,13 @@ def mode_growth_rates(ou: CoupledOU, score, t, *, method: str = "auto", z=None, 
     patchy = hasattr(score, "centre_score") and getattr(score, "equivariant", True)
     if method == "auto":
         method = "exact" if patchy else "jvp"
-    if method not in ("exact", "jvp"):
-        raise ValueError(f"`method` must be 'exact', 'jvp' or 'auto', got {method!r}.")
+    if method not in ("exact", "jvp", "vjp"):
+        raise ValueError(f"`method` must be 'exact', 'jvp', 'vjp' or 'auto', got {method!r}.")
     if method == "exact" and not patchy:
         raise ValueError("`method='exact'` needs an equivariant patch model (GaussianPatchScore or PatchScore(equivariant=True)); "
                          "use `method='jvp'` for any other score.")
     if modes is not None and method == "exact":
-        raise ValueError("`modes` selects probes of the 'jvp' method; the exact method gives every mode.")
+        raise ValueError("`modes` selects probes of the 'jvp'/'vjp' methods; the exact method gives every mode.")
     all_modes = fourier_modes(int(side), int(ndim))
     wavenumbers = all_modes if modes is None else np.asarray(modes, int).reshape(-1, ndim)
     t = as_float(t, "t")
@@ -241,7 +247,8 @@ def mode_growth_rates(ou: CoupledOU, score, t, *, method: str = "auto", z=None, 
 
         def one(tt):
             zz = z if z is not None else jnp.broadcast_to(score.mean_state(tt)[:, None], (ou.k, d))
-            sym = lambda v: _jvp_symbol(lambda w: drift(tt, w), v.astype(tt.dtype), wavenumbers, int(side), int(ndim), batch)  # noqa: E731
+            sym = lambda v: _jvp_symbol(lambda w: drift(tt, w), v.astype(tt.dtype), wavenumbers, int(side), int(ndim), batch,  # noqa: E731
+                                        reverse=method == "vjp")
             if zz.ndim == 2:
                 return sym(zz)
             return jax.lax.map(sym, zz).mean(0)  # the symbol averaged over the states
