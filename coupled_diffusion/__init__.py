@@ -139,11 +139,16 @@ from .diffusion.noise import (
     predict_x0 as predict_x0,
 )
 from .diffusion.samplers import (
+    GuidedEps as GuidedEps,
     Intervention as Intervention,
     NNXEps as NNXEps,
     SampleResult as SampleResult,
     ddim_step as ddim_step,
     ddpm_step as ddpm_step,
+    guidance_strength as guidance_strength,
+    guidance_weights as guidance_weights,
+    matched_constant_scale as matched_constant_scale,
+    ou_times as ou_times,
     sample as sample,
 )
 from .diffusion.replica_sync import (

@@ -287,3 +287,79 @@ def sample(eps_fn, schedule: VPSchedule, noise: ModeNoise, key, z_start: Float[A
     xs = (jnp.arange(len(ts), dtype=jnp.int32), jnp.asarray(ts), jnp.asarray(t_prev), jnp.asarray(slot))
     (z, (x0_buf, z_buf)), _ = jax.lax.scan(body, (z_start, bufs), xs)
     return SampleResult(z, jnp.asarray(ts), jnp.asarray(np.asarray(log_at, np.int32).reshape(-1)), x0_buf, z_buf)
+
+
+# ------------------------------------------------------------------------------------------------ guidance windows
+
+
+def ou_times(schedule: VPSchedule) -> np.ndarray:
+    r"""$s_n = -\frac12\log\bar\alpha_n$ for every timestep: the OU time at which the equivalent process
+    $dZ = -Z\,ds + \sqrt2\,dW$ has the schedule's signal level (`VPScore`)."""
+    return -0.5 * np.log(np.asarray(schedule.alphas_cumprod, np.float64))
+
+
+def guidance_weights(schedule: VPSchedule, scale: float, window=None) -> np.ndarray:
+    r"""Per-timestep classifier-free guidance weights $w_n$ for [`GuidedEps`][], `(T,)`:
+    $w_n = 1 + $ `scale` where the timestep's OU time $s_n$ lies in `window = (s_lo, s_hi)`, and 1
+    (plain conditional sampling) elsewhere; `window=None` applies `scale` at every timestep (constant guidance)."""
+    s = ou_times(schedule)
+    if not (np.isscalar(scale) and np.isfinite(scale) and scale >= 0):
+        raise ValueError(f"`scale` must be a finite number >= 0 (the extra guidance, w = 1 + scale), got {scale!r}.")
+    if window is None:
+        inside = np.ones_like(s, bool)
+    else:
+        lo, hi = (float(v) for v in window)
+        if not (np.isfinite(lo) and np.isfinite(hi) and 0 <= lo < hi):
+            raise ValueError(f"`window` must be OU times (s_lo, s_hi) with 0 <= s_lo < s_hi, got {window!r}.")
+        inside = (s >= lo) & (s <= hi)
+    return np.where(inside, 1.0 + scale, 1.0).astype(np.float32)
+
+
+def guidance_strength(schedule: VPSchedule, weights, num_steps: int | None = None) -> float:
+    r"""The total extra guidance a sampler applies, $\sum_i (w_{t_i} - 1)(s_{t_i} - s_{t_{i+1}})$ over its steps
+    $t_0 > t_1 > \dots$ ($s_{-1} = 0$): the OU-time integral of the extra weight, what "the same total
+    strength" compares."""
+    ts = timesteps(schedule.T, num_steps)
+    s = ou_times(schedule)
+    s_next = np.concatenate([s[ts[1:]], [0.0]])
+    return float(np.sum((np.asarray(weights, np.float64)[ts] - 1.0) * (s[ts] - s_next)))
+
+
+def matched_constant_scale(schedule: VPSchedule, scale: float, window, num_steps: int | None = None) -> float:
+    """The constant extra scale whose [`guidance_strength`][] equals that of `scale` applied in `window`."""
+    pulse = guidance_strength(schedule, guidance_weights(schedule, scale, window), num_steps)
+    unit = guidance_strength(schedule, guidance_weights(schedule, 1.0), num_steps)
+    return pulse / unit
+
+
+class GuidedEps(eqx.Module):
+    r"""Classifier-free guidance with a per-timestep weight (a guidance window, or pulse), as an `eps_fn` for
+    [`sample`][]: $\hat\varepsilon = \hat\varepsilon_\varnothing + w_t(\hat\varepsilon_y - \hat\varepsilon_\varnothing)$,
+    the conditional and unconditional predictions of one class-conditional model `model(z, t, y)` (a
+    [`DiT`][] with label dropout; its null class is `null`, default `model.num_classes`) evaluated in one batch.
+    `weights`: `(T,)` from [`guidance_weights`][] ($w = 1$: plain conditional sampling); `y`: the labels `(B,)`.
+    """
+
+    graphdef: Any = eqx.field(static=True)
+    state: Any
+    y: Array
+    weights: Array
+    null: int = eqx.field(static=True)
+
+    def __init__(self, model: nnx.Module, y, weights, *, null: int | None = None):
+        null = getattr(model, "num_classes", None) if null is None else null
+        if null is None:
+            raise ValueError("`null` (the unconditional class index) is needed for a model without `num_classes`.")
+        self.graphdef, self.state = nnx.split(model)
+        self.y = jnp.asarray(y, jnp.int32)
+        self.weights = jnp.asarray(weights, jnp.float32)
+        self.null = int(null)
+
+    def __call__(self, z, t):
+        model = nnx.merge(self.graphdef, self.state)
+        B = z.shape[0]
+        out = model(jnp.concatenate([z, z]), jnp.concatenate([t, t]),
+                    jnp.concatenate([self.y, jnp.full((B,), self.null, jnp.int32)]))[..., : z.shape[-1]]
+        cond, uncond = out[:B], out[B:]
+        w = self.weights[t].astype(z.dtype).reshape((B,) + (1,) * (z.ndim - 1))
+        return uncond + w * (cond - uncond)
