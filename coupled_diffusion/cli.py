@@ -215,6 +215,31 @@ def cmd_patterns(args) -> int:
         out.png("unet_mode_rates.png", plot_network_rates(net))
         tc = f"{net['t_c']:.4f} (timestep {net['t_c_timestep']:.1f})" if net["t_c"] is not None else net["t_c_result"]
         print(f"trained U-Net ({args.unet_run}, step {run.step}): t_c about the mean state {tc}")
+    if args.dit_run is not None:  # the class-conditional MNIST DiT: its t_c, and guidance pulses there
+        from .experiments.patterns import dit_patterns
+        from .plotting import plot_guidance, plot_network_rates
+
+        res = dit_patterns(args.dit_run, mnist_path=args.mnist, scale=args.guidance_scale, half_width=args.guidance_width,
+                           per_class=args.per_class, key=jax.random.key(args.seed + 1))
+        net, guide = res["dit"], res["guidance"]
+        out.json("dit_criticality.json", _to_json(dict(net)) | {"run": str(args.dit_run),
+                                                               "classifier_test_accuracy": res["classifier_test_accuracy"]})
+        out.png("dit_mode_rates.png", plot_network_rates(net))
+        tc = f"{net['t_c']:.4f} (timestep {net['t_c_timestep']:.1f})" if net["t_c"] is not None else net["t_c_result"]
+        print(f"MNIST DiT ({args.dit_run}): t_c about the mean state {tc}")
+        if "skipped" in guide:
+            out.json("guidance.json", guide)
+            print(f"guidance comparison skipped: {guide['skipped']}")
+        else:
+            out.json("guidance.json", {k: v for k, v in guide.items() if k != "samples"})
+            out.png("guidance.png", plot_guidance(guide))
+            print("guidance: condition, accuracy [95%], recognisable [95%], diversity [95%]")
+            for name, r in guide["conditions"].items():
+                print(f"  {name:<9} {r['accuracy']:.3f} [{r['accuracy_ci'][0]:.3f}, {r['accuracy_ci'][1]:.3f}]  "
+                      f"{r['recognisable']:.3f} [{r['recognisable_ci'][0]:.3f}, {r['recognisable_ci'][1]:.3f}]  "
+                      f"{r['diversity']:.3f} [{r['diversity_ci'][0]:.3f}, {r['diversity_ci'][1]:.3f}]")
+            for pair, d in guide["differences"].items():
+                print(f"  {pair:<15} " + "  ".join(f"d_{m} {v['value']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]" for m, v in d.items()))
     out.png("mode_rates.png", plot_pattern_rates(data))
     out.png("correlation_length.png", plot_pattern_xi(data))
     out.png("samples.png", plot_pattern_samples(data))
@@ -352,6 +377,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_NONNEG_INT, default=0)
     p.add_argument("--quick", action="store_true", help="tiny run (7 x 7, a smoke test, not a measurement)")
     p.add_argument("--unet-run", default=None, help="a `coupled-diffusion train` run directory: its U-Net's mode rates and t_c too")
+    p.add_argument("--dit-run", default=None, help="a directory for the class-conditional MNIST DiT (dit-sync's, trained there "
+                   "if absent, ~20 min): its mode rates and t_c, and guidance pulses at t_c against constant guidance and none")
+    p.add_argument("--guidance-scale", type=_NONNEG_FLOAT, default=2.0, help="extra guidance in the pulse, w = 1 + scale (default 2)")
+    p.add_argument("--guidance-width", type=_POS_FLOAT, default=0.25, help="half-width of the pulse in OU time (default 0.25)")
+    p.add_argument("--per-class", type=_number(int, "an integer >= 2", lambda v: v >= 2), default=20,
+                   help="guidance samples per digit and condition (default 20)")
     p.set_defaults(func=cmd_patterns)
     p = command("optimize-schedule", "learn g(t) for Appendix C by gradient; compare with const/late/early on fresh samples")
     p.add_argument("--out", default="figures", help="output directory (default: ./figures)")

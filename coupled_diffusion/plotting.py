@@ -502,3 +502,32 @@ def plot_network_rates(net: dict) -> Figure:
            title="trained U-Net: mode rates about the mean state")
     ax.legend(fontsize=6)
     return fig
+
+
+def plot_guidance(g: dict) -> Figure:
+    """The guidance comparison: accuracy, recognisability and diversity per condition with 95% intervals, and one
+    sample per digit for each condition."""
+    names = list(g["conditions"])
+    fig = _figure((11.0, 3.2 + 1.1 * len(names)), 120)
+    grid = fig.add_gridspec(1 + len(names), 3, height_ratios=[3.0] + [1.0] * len(names))
+    for col, (metric, label) in enumerate((("accuracy", "class accuracy"), ("recognisable", "recognisable (p >= 0.9)"),
+                                           ("diversity", "diversity (feature distance)"))):
+        ax = fig.add_subplot(grid[0, col])
+        vals = [g["conditions"][n][metric] for n in names]
+        lo = [g["conditions"][n][metric + "_ci"][0] for n in names]
+        hi = [g["conditions"][n][metric + "_ci"][1] for n in names]
+        ax.errorbar(range(len(names)), vals, yerr=[np.subtract(vals, lo), np.subtract(hi, vals)], fmt="o", capsize=3)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names)
+        ax.set(title=label)
+    p = g["params"]
+    fig.suptitle(f"guidance at t_c = {p['t_c']:.3f} (window {p['window'][0]:.2f}-{p['window'][1]:.2f}, scale {p['scale']}, "
+                 f"constant {p['constant_scale']:.3f})", fontsize=9)
+    for r, n in enumerate(names):
+        row = np.concatenate(list(np.asarray(g["samples"][n])), axis=1)
+        ax = fig.add_subplot(grid[1 + r, :])
+        ax.imshow(row, cmap="gray", vmin=-1, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(n, fontsize=7)
+    return fig

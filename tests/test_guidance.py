@@ -24,7 +24,7 @@ def test_window_weights_and_their_strength_have_the_closed_forms():
     assert cd.guidance_strength(sched, cd.guidance_weights(sched, 0.0)) == 0.0
     # constant extra weight c over every step telescopes to c s(t_0), s = -log(alphabar) / 2
     ts = cd.diffusion.samplers.timesteps(100, 20)
-    assert cd.guidance_strength(sched, cd.guidance_weights(sched, 1.7), 20) == pytest.approx(1.7 * -0.5 * np.log(ab[ts[0]]), rel=1e-6)  # float32 w
+    assert cd.guidance_strength(sched, cd.guidance_weights(sched, 1.7), 20) == pytest.approx(1.7 * -0.5 * np.log(ab[ts[0]]), rel=1e-6)
     c = cd.matched_constant_scale(sched, 2.5, (lo, hi), 20)
     pulse = cd.guidance_strength(sched, w, 20)
     assert cd.guidance_strength(sched, cd.guidance_weights(sched, c), 20) == pytest.approx(pulse, rel=1e-6)

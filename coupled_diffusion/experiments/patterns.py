@@ -321,3 +321,47 @@ def guidance_comparison(model, classifier, schedule, *, t_c: float, half_width: 
     return {"params": {"t_c": t_c, "window": list(window), "scale": scale, "constant_scale": const, "per_class": per_class,
                        "num_steps": num_steps, "eta": eta, "n_boot": n_boot},
             "conditions": results, "differences": diffs, "samples": samples}
+
+
+def dit_patterns(run_dir, *, mnist_path=None, scale: float = 2.0, half_width: float = 0.25, per_class: int = 20,
+                 num_steps: int = 50, n_times: int = 16, shells: int = 6, key=None, progress: bool = True) -> dict:
+    r"""The class-conditional MNIST DiT of `coupled-diffusion dit-sync` (trained, or reused, in `run_dir` with the
+    `DiTSync` defaults) through the criticality lens, and the guidance comparison at its critical time.
+
+    The unconditional predictor (the null class) is linearised about $\sqrt{\bar\alpha_n}\,\bar x$ (the training
+    digits' mean) by [`network_criticality`][]; its $t_c$ (OU time) centres the guidance window of
+    [`guidance_comparison`][]. With no $t_c$ (no crossing) the comparison is skipped and the reason recorded.
+    """
+    from pathlib import Path
+
+    import equinox as eqx
+    from flax import nnx
+
+    from ..diffusion.noise import VPSchedule
+    from .dit_sync import DiTSync, _images, train_digit_classifier, train_mnist_dit
+
+    cfg = DiTSync(data_path=None if mnist_path is None else str(mnist_path))
+    cfg.validate()
+    run_dir = Path(run_dir)
+    classifier, accuracy = train_digit_classifier(cfg, run_dir, progress=progress)
+    model, _ = train_mnist_dit(cfg, run_dir, progress=progress)
+    schedule = VPSchedule.linear(cfg.T)
+
+    class Unconditional(eqx.Module):
+        graphdef: object = eqx.field(static=True)
+        state: object
+
+        def __call__(self, z, t):
+            return nnx.merge(self.graphdef, self.state)(z, t, jnp.full(z.shape[:1], 10, jnp.int32))[..., : z.shape[-1]]
+
+    images, _ = _images(cfg, "train")
+    x_mean = np.asarray(images, np.float64).mean(0).reshape(1, -1)
+    net = network_criticality(Unconditional(*nnx.split(model)), schedule, x_mean, shape=(28, 28, 1), shells=shells,
+                              n_times=n_times)
+    out = {"dit": net, "classifier_test_accuracy": accuracy, "config": {"T": cfg.T, "train_steps": cfg.train_steps}}
+    if net["t_c"] is None:
+        out["guidance"] = {"skipped": f"no critical time: {net['t_c_result']}"}
+    else:
+        out["guidance"] = guidance_comparison(model, classifier, schedule, t_c=net["t_c"], half_width=half_width, scale=scale,
+                                              per_class=per_class, num_steps=num_steps, key=key)
+    return out
