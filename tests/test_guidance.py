@@ -69,3 +69,23 @@ def test_guidance_comparison_runs_paired_and_matches_strengths():
         assert all(v["ci"][0] <= v["ci"][1] for v in diff.values())
     assert out["differences"]["pulse-none"]["accuracy"]["value"] == pytest.approx(c["pulse"]["accuracy"] - c["none"]["accuracy"])
     assert out["samples"]["pulse"].shape == (10, 28, 28)
+
+
+@pytest.mark.slow  # ~1 min: a tiny DiT and classifier trained, its rates, t_c and the comparison
+def test_dit_patterns_end_to_end_on_a_tiny_run(tmp_path):
+    from coupled_diffusion.experiments.dit_sync import DiTSync
+    from coupled_diffusion.experiments.patterns import dit_patterns
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (40, 28, 28)).astype(np.float32)
+    y = np.arange(40) % 10
+    np.savez(tmp_path / "mini.npz", x_train=x, y_train=y, x_test=x[:10], y_test=y[:10])
+    cfg = DiTSync(hidden_size=16, depth=1, num_heads=2, patch_size=7, T=50, train_steps=3, batch_size=8, warmup_steps=1, ckpt_every=3,
+                  classifier_steps=3, num_steps=10, intervention_every=2, n_pairs=8, data_path=str(tmp_path / "mini.npz"))
+    out = dit_patterns(tmp_path / "run", cfg=cfg, per_class=2, num_steps=10, n_times=6, shells=3, progress=False)
+    net = out["dit"]
+    assert len(net["top"]) == len(net["timesteps"]) and np.all(np.isfinite(net["top"]))
+    g = out["guidance"]
+    assert ("skipped" in g) == (net["t_c"] is None)
+    if "conditions" in g:
+        assert set(g["conditions"]) == {"none", "pulse", "constant"}

@@ -324,13 +324,14 @@ def guidance_comparison(model, classifier, schedule, *, t_c: float, half_width: 
 
 
 def dit_patterns(run_dir, *, mnist_path=None, scale: float = 2.0, half_width: float = 0.25, per_class: int = 20,
-                 num_steps: int = 50, n_times: int = 16, shells: int = 6, key=None, progress: bool = True) -> dict:
+                 num_steps: int = 50, n_times: int = 16, shells: int = 6, key=None, progress: bool = True, cfg=None) -> dict:
     r"""The class-conditional MNIST DiT of `coupled-diffusion dit-sync` (trained, or reused, in `run_dir` with the
     `DiTSync` defaults) through the criticality lens, and the guidance comparison at its critical time.
 
     The unconditional predictor (the null class) is linearised about $\sqrt{\bar\alpha_n}\,\bar x$ (the training
     digits' mean) by [`network_criticality`][]; its $t_c$ (OU time) centres the guidance window of
     [`guidance_comparison`][]. With no $t_c$ (no crossing) the comparison is skipped and the reason recorded.
+    `cfg`: a `DiTSync` for the model and classifier (default: `dit-sync`'s defaults with `mnist_path`).
     """
     from pathlib import Path
 
@@ -340,7 +341,8 @@ def dit_patterns(run_dir, *, mnist_path=None, scale: float = 2.0, half_width: fl
     from ..diffusion.noise import VPSchedule
     from .dit_sync import DiTSync, _images, train_digit_classifier, train_mnist_dit
 
-    cfg = DiTSync(data_path=None if mnist_path is None else str(mnist_path))
+    if cfg is None:
+        cfg = DiTSync(data_path=None if mnist_path is None else str(mnist_path))
     cfg.validate()
     run_dir = Path(run_dir)
     classifier, accuracy = train_digit_classifier(cfg, run_dir, progress=progress)
