@@ -204,12 +204,16 @@ def cmd_patterns(args) -> int:
         from .plotting import plot_network_rates
 
         run = load_run(args.unet_run)
-        eps_fn, schedule, _ = run_eps(run)
+        eps_fn, schedule, noise = run_eps(run)
         pairs = build_data(run.config.data)
         means = np.stack([np.asarray(pairs.x).mean(0), np.asarray(pairs.tx).mean(0)])
         if pairs.swap:  # channels exchanged at random in training: both see the average
             means = np.repeat(means.mean(0, keepdims=True), 2, axis=0)
         net = network_criticality(eps_fn, schedule, means.reshape(2, -1), shape=(28, 28, 2))
+        from .experiments.patterns import network_xi
+
+        net.update(network_xi(eps_fn, schedule, noise, shape=(28, 28, 2), n_samples=16 if args.quick else 128,
+                              num_steps=10 if args.quick else 50, key=jax.random.key(args.seed + 2)))
         data["unet"] = net
         out.json("unet_criticality.json", _to_json({k: v for k, v in net.items()}) | {"run": str(args.unet_run), "step": run.step})
         out.png("unet_mode_rates.png", plot_network_rates(net))

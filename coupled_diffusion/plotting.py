@@ -489,8 +489,12 @@ def plot_pattern_samples(d: dict) -> Figure:
 
 
 def plot_network_rates(net: dict) -> Figure:
-    """A trained network's small-|q| shell rates (about the mean state) over OU time, t_c dashed."""
-    fig, ax = _fig()
+    """A trained network's small-|q| shell rates (about the mean state) over OU time with t_c dashed, and (when
+    measured) xi(t) of its samples' z_t and x0-hat."""
+    has_xi = "xi_z" in net
+    fig = _figure((10.0 if has_xi else 5.2, 3.8), 120)
+    axes = np.atleast_1d(fig.subplots(1, 2 if has_xi else 1))
+    ax = axes[0]
     s = np.asarray(net["ou_times"], float)
     rates = np.asarray(net["shell_rates"], float)
     for j, n2 in enumerate(np.asarray(net["shell_n2"])):
@@ -499,35 +503,15 @@ def plot_network_rates(net: dict) -> Figure:
     if net.get("t_c") is not None:
         ax.axvline(net["t_c"], color="k", ls="--", lw=1)
     ax.set(xlabel=r"OU time $s = -\frac{1}{2}\log\bar\alpha$", ylabel="growth rate (Fourier diagonal of J)",
-           title="trained U-Net: mode rates about the mean state")
+           title="mode rates about the mean state")
     ax.legend(fontsize=6)
-    return fig
-
-
-def plot_guidance(g: dict) -> Figure:
-    """The guidance comparison: accuracy, recognisability and diversity per condition with 95% intervals, and one
-    sample per digit for each condition."""
-    names = list(g["conditions"])
-    fig = _figure((11.0, 3.2 + 1.1 * len(names)), 120)
-    grid = fig.add_gridspec(1 + len(names), 3, height_ratios=[3.0] + [1.0] * len(names))
-    for col, (metric, label) in enumerate((("accuracy", "class accuracy"), ("recognisable", "recognisable (p >= 0.9)"),
-                                           ("diversity", "diversity (feature distance)"))):
-        ax = fig.add_subplot(grid[0, col])
-        vals = [g["conditions"][n][metric] for n in names]
-        lo = [g["conditions"][n][metric + "_ci"][0] for n in names]
-        hi = [g["conditions"][n][metric + "_ci"][1] for n in names]
-        ax.errorbar(range(len(names)), vals, yerr=[np.subtract(vals, lo), np.subtract(hi, vals)], fmt="o", capsize=3)
-        ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names)
-        ax.set(title=label)
-    p = g["params"]
-    fig.suptitle(f"guidance at t_c = {p['t_c']:.3f} (window {p['window'][0]:.2f}-{p['window'][1]:.2f}, scale {p['scale']}, "
-                 f"constant {p['constant_scale']:.3f})", fontsize=9)
-    for r, n in enumerate(names):
-        row = np.concatenate(list(np.asarray(g["samples"][n])), axis=1)
-        ax = fig.add_subplot(grid[1 + r, :])
-        ax.imshow(row, cmap="gray", vmin=-1, vmax=1)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_ylabel(n, fontsize=7)
+    if has_xi:
+        ax = axes[1]
+        t = np.asarray(net["xi_ou_times"], float)
+        for key, label in (("xi_z", "$z_t$"), ("xi_x0", r"$\hat x_0$")):
+            ax.errorbar(t, np.asarray(net[key], float), yerr=np.asarray(net[key + "_err"], float), fmt="o-", ms=3, lw=1, label=label)
+        if net.get("t_c") is not None:
+            ax.axvline(net["t_c"], color="k", ls="--", lw=1)
+        ax.set(xscale="log", xlabel="OU time s", ylabel=r"second-moment $\xi$ (pixels)", title="correlation length of samples")
+        ax.legend(fontsize=7)
     return fig

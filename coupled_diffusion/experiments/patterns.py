@@ -324,7 +324,8 @@ def guidance_comparison(model, classifier, schedule, *, t_c: float, half_width: 
 
 
 def dit_patterns(run_dir, *, mnist_path=None, scale: float = 2.0, half_width: float = 0.25, per_class: int = 20,
-                 num_steps: int = 50, n_times: int = 16, shells: int = 6, key=None, progress: bool = True, cfg=None) -> dict:
+                 num_steps: int = 50, n_times: int = 16, shells: int = 6, xi_samples: int = 128, key=None, progress: bool = True,
+                 cfg=None) -> dict:
     r"""The class-conditional MNIST DiT of `coupled-diffusion dit-sync` (trained, or reused, in `run_dir` with the
     `DiTSync` defaults) through the criticality lens, and the guidance comparison at its critical time.
 
@@ -360,10 +361,42 @@ def dit_patterns(run_dir, *, mnist_path=None, scale: float = 2.0, half_width: fl
     x_mean = np.asarray(images, np.float64).mean(0).reshape(1, -1)
     net = network_criticality(Unconditional(*nnx.split(model)), schedule, x_mean, shape=(28, 28, 1), shells=shells,
                               n_times=n_times)
+    from ..diffusion.noise import ModeNoise
+
+    net.update(network_xi(Unconditional(*nnx.split(model)), schedule, ModeNoise.isotropic(1), shape=(28, 28, 1),
+                          n_samples=xi_samples, num_steps=num_steps, key=None if key is None else jax.random.fold_in(key, 7)))
     out = {"dit": net, "classifier_test_accuracy": accuracy, "config": {"T": cfg.T, "train_steps": cfg.train_steps}}
     if net["t_c"] is None:
         out["guidance"] = {"skipped": f"no critical time: {net['t_c_result']}"}
     else:
         out["guidance"] = guidance_comparison(model, classifier, schedule, t_c=net["t_c"], half_width=half_width, scale=scale,
                                               per_class=per_class, num_steps=num_steps, key=key)
+    return out
+
+
+def network_xi(eps_fn, schedule, noise, *, shape, n_samples: int = 128, num_steps: int = 50, n_logs: int = 12, channel: int = 0,
+               eta: float = 1.0, key=None) -> dict:
+    r"""$\xi(t)$ of a trained VP model's reverse samples: `n_samples` trajectories of [`sample`][] (DDIM with `eta`, from
+    the model's noise law), $z_t$ and $\hat x_0$ logged at about `n_logs` of the sampler's timesteps (log-spaced in
+    OU time), and the second-moment correlation length of `channel`'s fluctuations across samples, with jackknife
+    errors. `shape`: `(H, W, k)`, square images. **Returns:** `xi_timesteps`, `xi_ou_times`, `xi_z`, `xi_x0` and their
+    `_err`."""
+    from ..diffusion.exact import VPScore
+    from ..diffusion.samplers import sample, timesteps
+
+    H, W, k = shape
+    key = jax.random.key(0) if key is None else key
+    ts = timesteps(schedule.T, num_steps)
+    vp = VPScore.of(eps_fn, schedule, shape=shape)
+    s = np.asarray(vp.ou_time(ts), np.float64)
+    want = np.geomspace(s[-1], s[0], n_logs)
+    log_at = tuple(sorted({int(ts[np.argmin(np.abs(s - w))]) for w in want}, reverse=True))
+    z0 = noise.sample(jax.random.fold_in(key, 0), (n_samples, H, W, k))
+    res = sample(eps_fn, schedule, noise, jax.random.fold_in(key, 1), z0, method="ddim", num_steps=num_steps, eta=eta,
+                 log_at=log_at, clip=1.0)
+    out = {"xi_timesteps": np.asarray(log_at), "xi_ou_times": np.asarray(vp.ou_time(np.asarray(log_at)), np.float64)}
+    for name, logs in (("xi_z", res.z_log), ("xi_x0", res.x0_log)):
+        est = [correlation_length(np.asarray(logs[j][..., channel]), ndim=2) for j in range(len(log_at))]
+        out[name] = np.array([float(e.xi) for e in est])
+        out[name + "_err"] = np.array([float(e.stderr) for e in est])
     return out
