@@ -132,7 +132,7 @@ def test_empirical_patch_rates_match_numpy_as_a_zero_covariance_mixture(ndim, si
 
 def test_jvp_rates_equal_the_exact_rates_for_both_patch_models_and_a_mode_subset():
     rng = np.random.default_rng(3)
-    side, patch = 6, 3
+    side, patch = 5, 3
     images = rng.standard_normal((4, 2, side, side))
     ts = jnp.array([0.3, 1.1])
     for s in (cd.GaussianPatchScore.fit(OU_SYM, images, patch, clusters=2), cd.PatchScore.of(OU_SYM, images, patch)):
@@ -140,7 +140,7 @@ def test_jvp_rates_equal_the_exact_rates_for_both_patch_models_and_a_mode_subset
         jvp = cd.mode_growth_rates(OU_SYM, s, ts, method="jvp", batch=17)
         assert exact.matrix.shape == jvp.matrix.shape == (2, side * side, 2, 2)
         np.testing.assert_allclose(np.asarray(jvp.matrix), np.asarray(exact.matrix), rtol=1e-9, atol=1e-10)
-        modes = np.array([[0, 1], [2, -1], [3, 3]])
+        modes = np.array([[0, 1], [2, -1], [2, 2]])
         sub = cd.mode_growth_rates(OU_SYM, s, ts, method="jvp", modes=modes)
         pick = [int(np.flatnonzero((np.asarray(exact.wavenumbers) % side == m % side).all(1))[0]) for m in modes]
         np.testing.assert_allclose(np.asarray(sub.rates), np.asarray(exact.rates[:, pick]), rtol=1e-9, atol=1e-10)
