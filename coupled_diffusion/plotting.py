@@ -499,9 +499,15 @@ def plot_network_rates(net: dict) -> Figure:
     rates = np.asarray(net["shell_rates"], float)
     for j, n2 in enumerate(np.asarray(net["shell_n2"])):
         ax.semilogx(s, rates[:, j], "o-", ms=2, lw=1, label=f"|n|^2 = {int(n2)}")
+    if "annealed_top" in net:
+        ax.semilogx(np.asarray(net["xi_ou_times"], float), np.asarray(net["annealed_top"], float), "k^-", ms=3, lw=1.5,
+                    label="top rate, mean J over samples")
+        if net.get("annealed_t_c") is not None:
+            ax.axvline(net["annealed_t_c"], color="k", ls=":", lw=1)
     ax.axhline(0, color="k", lw=0.5)
     if net.get("t_c") is not None:
         ax.axvline(net["t_c"], color="k", ls="--", lw=1)
+    ax.set_ylim(max(ax.get_ylim()[0], -5.0), ax.get_ylim()[1])
     ax.set(xlabel=r"OU time $s = -\frac{1}{2}\log\bar\alpha$", ylabel="growth rate (Fourier diagonal of J)",
            title="mode rates about the mean state")
     ax.legend(fontsize=6)
@@ -514,4 +520,34 @@ def plot_network_rates(net: dict) -> Figure:
             ax.axvline(net["t_c"], color="k", ls="--", lw=1)
         ax.set(xscale="log", xlabel="OU time s", ylabel=r"second-moment $\xi$ (pixels)", title="correlation length of samples")
         ax.legend(fontsize=7)
+    return fig
+
+
+def plot_guidance(g: dict) -> Figure:
+    """The guidance comparison: accuracy, recognisability and diversity per condition with 95% intervals, and one
+    sample per digit for each condition."""
+    names = list(g["conditions"])
+    fig = _figure((11.0, 3.2 + 1.1 * len(names)), 120)
+    grid = fig.add_gridspec(1 + len(names), 3, height_ratios=[3.0] + [1.0] * len(names))
+    for col, (metric, label) in enumerate((("accuracy", "class accuracy"), ("recognisable", "recognisable (p >= 0.9)"),
+                                           ("diversity", "diversity (feature distance)"))):
+        ax = fig.add_subplot(grid[0, col])
+        vals = [g["conditions"][n][metric] for n in names]
+        lo = [g["conditions"][n][metric + "_ci"][0] for n in names]
+        hi = [g["conditions"][n][metric + "_ci"][1] for n in names]
+        ax.errorbar(range(len(names)), vals, yerr=[np.maximum(np.subtract(vals, lo), 0), np.maximum(np.subtract(hi, vals), 0)], fmt="o",
+                    capsize=3)  # a bootstrap percentile interval need not contain the estimate
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names)
+        ax.set(title=label)
+    p = g["params"]
+    fig.suptitle(f"guidance at t_c = {p['t_c']:.3f} (window {p['window'][0]:.2f}-{p['window'][1]:.2f}, scale {p['scale']}, "
+                 f"constant {p['constant_scale']:.3f})", fontsize=9)
+    for r, n in enumerate(names):
+        row = np.concatenate(list(np.asarray(g["samples"][n])), axis=1)
+        ax = fig.add_subplot(grid[1 + r, :])
+        ax.imshow(row, cmap="gray", vmin=-1, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(n, fontsize=7)
     return fig

@@ -358,5 +358,8 @@ def test_a_vp_noise_predictor_is_the_score_of_the_equivalent_ou_process():
         want = cd.mode_growth_rates(vp.ou, ref, s, z=jnp.exp(-s) * jnp.asarray(x_mean, jnp.float64), side=H, ndim=2,
                                     modes=[[0, 0], [0, 1], [1, 0], [0, -1], [-1, 0]]).top
         np.testing.assert_allclose(top, float(want), rtol=1e-4, atol=1e-4)
+    from coupled_diffusion.plotting import plot_network_rates
+
+    assert len(plot_network_rates(net).axes) == 1  # rates only (no xi measured here)
     with pytest.raises(ValueError, match="shape"):
         cd.VPScore.of(vp.eps_fn, sched, shape=(4, 4))

@@ -69,6 +69,9 @@ def test_guidance_comparison_runs_paired_and_matches_strengths():
         assert all(v["ci"][0] <= v["ci"][1] for v in diff.values())
     assert out["differences"]["pulse-none"]["accuracy"]["value"] == pytest.approx(c["pulse"]["accuracy"] - c["none"]["accuracy"])
     assert out["samples"]["pulse"].shape == (10, 28, 28)
+    from coupled_diffusion.plotting import plot_guidance
+
+    assert len(plot_guidance(out).axes) == 3 + 3  # the three metrics, one sample row per condition
 
 
 @pytest.mark.slow  # ~1 min: a tiny DiT and classifier trained, its rates, t_c and the comparison

@@ -243,11 +243,12 @@ def _diversity(features, labels, classes, idx=None):
     """Mean pairwise Euclidean feature distance within each class, averaged over the classes."""
     vals = []
     for c in classes:
-        f = features[labels == c] if idx is None else features[idx[c]]
-        if len(f) < 2:
-            continue
+        ids = np.flatnonzero(labels == c) if idx is None else np.asarray(idx[c])
+        f = features[ids]
         d = np.sqrt(np.maximum(((f[:, None] - f[None]) ** 2).sum(-1), 0.0))
-        vals.append(d.sum() / (len(f) * (len(f) - 1)))
+        distinct = ids[:, None] != ids[None]  # a bootstrap draw repeats samples: a sample is no pair with itself
+        if distinct.any():
+            vals.append(d[distinct].mean())
     return float(np.mean(vals))
 
 
@@ -323,6 +324,20 @@ def guidance_comparison(model, classifier, schedule, *, t_c: float, half_width: 
             "conditions": results, "differences": diffs, "samples": samples}
 
 
+def _steepest_xi_time(s, xi):
+    """The geometric midpoint of the two consecutive logged OU times between which xi changes most (None if
+    fewer than two finite values)."""
+    s, xi = np.asarray(s, float), np.asarray(xi, float)
+    ok = np.isfinite(xi) & (s > 0)
+    s, xi = s[ok], xi[ok]
+    if s.size < 2:
+        return None
+    order = np.argsort(s)
+    s, xi = s[order], xi[order]
+    j = int(np.argmax(np.abs(np.diff(xi))))
+    return float(np.sqrt(s[j] * s[j + 1]))
+
+
 def dit_patterns(run_dir, *, mnist_path=None, scale: float = 2.0, half_width: float = 0.25, per_class: int = 20,
                  num_steps: int = 50, n_times: int = 16, shells: int = 6, xi_samples: int = 128, key=None, progress: bool = True,
                  cfg=None) -> dict:
@@ -330,8 +345,10 @@ def dit_patterns(run_dir, *, mnist_path=None, scale: float = 2.0, half_width: fl
     `DiTSync` defaults) through the criticality lens, and the guidance comparison at its critical time.
 
     The unconditional predictor (the null class) is linearised about $\sqrt{\bar\alpha_n}\,\bar x$ (the training
-    digits' mean) by [`network_criticality`][]; its $t_c$ (OU time) centres the guidance window of
-    [`guidance_comparison`][]. With no $t_c$ (no crossing) the comparison is skipped and the reason recorded.
+    digits' mean) by [`network_criticality`][] and, by [`network_xi`][], averaged over its own reverse samples
+    (the annealed rates). The mean-state $t_c$ (OU time), or when there is none the annealed one, or when there is
+    neither the time at which the samples' $\xi(\hat x_0)$ changes most (between two logged times) centres the
+    guidance window of [`guidance_comparison`][] (`guidance_t_c`, `guidance_t_c_source` record which).
     `cfg`: a `DiTSync` for the model and classifier (default: `dit-sync`'s defaults with `mnist_path`).
     """
     from pathlib import Path
@@ -366,21 +383,30 @@ def dit_patterns(run_dir, *, mnist_path=None, scale: float = 2.0, half_width: fl
     net.update(network_xi(Unconditional(*nnx.split(model)), schedule, ModeNoise.isotropic(1), shape=(28, 28, 1),
                           n_samples=xi_samples, num_steps=num_steps, key=None if key is None else jax.random.fold_in(key, 7)))
     out = {"dit": net, "classifier_test_accuracy": accuracy, "config": {"T": cfg.T, "train_steps": cfg.train_steps}}
-    if net["t_c"] is None:
-        out["guidance"] = {"skipped": f"no critical time: {net['t_c_result']}"}
+    t_c, source = (net["t_c"], "mean state") if net["t_c"] is not None else (net.get("annealed_t_c"), "annealed")
+    if t_c is None:  # no linear instability: where the samples' x0-hat correlation length changes fastest instead
+        t_c, source = _steepest_xi_time(net["xi_ou_times"], net["xi_x0"]), "steepest xi(x0-hat)"
+    net["guidance_t_c"], net["guidance_t_c_source"] = t_c, source
+    if t_c is None:
+        out["guidance"] = {"skipped": f"no critical time: about the mean state {net['t_c_result']}; annealed "
+                                      f"{net.get('annealed_t_c_result')}"}
     else:
-        out["guidance"] = guidance_comparison(model, classifier, schedule, t_c=net["t_c"], half_width=half_width, scale=scale,
+        out["guidance"] = guidance_comparison(model, classifier, schedule, t_c=t_c, half_width=half_width, scale=scale,
                                               per_class=per_class, num_steps=num_steps, key=key)
+        out["guidance"]["params"]["t_c_source"] = source
     return out
 
 
 def network_xi(eps_fn, schedule, noise, *, shape, n_samples: int = 128, num_steps: int = 50, n_logs: int = 12, channel: int = 0,
-               eta: float = 1.0, key=None) -> dict:
+               eta: float = 1.0, n_states: int = 8, shells: int = 6, key=None) -> dict:
     r"""$\xi(t)$ of a trained VP model's reverse samples: `n_samples` trajectories of [`sample`][] (DDIM with `eta`, from
     the model's noise law), $z_t$ and $\hat x_0$ logged at about `n_logs` of the sampler's timesteps (log-spaced in
     OU time), and the second-moment correlation length of `channel`'s fluctuations across samples, with jackknife
-    errors. `shape`: `(H, W, k)`, square images. **Returns:** `xi_timesteps`, `xi_ou_times`, `xi_z`, `xi_x0` and their
-    `_err`."""
+    errors. With `n_states`, also the *annealed* rates: the Fourier symbol of the drift's Jacobian averaged over the
+    first `n_states` logged states $z_t$ at each logged time (the `shells` smallest |q| shells, reverse-mode probes),
+    and their critical time `annealed_t_c` (interpolated over the logged OU times). `shape`: `(H, W, k)`, square
+    images. **Returns:** `xi_timesteps`, `xi_ou_times`, `xi_z`, `xi_x0` and their `_err`; `annealed_shell_n2`,
+    `annealed_shell_rates`, `annealed_top`, `annealed_t_c` (None without a crossing) and `annealed_t_c_result`."""
     from ..diffusion.exact import VPScore
     from ..diffusion.samplers import sample, timesteps
 
@@ -399,4 +425,30 @@ def network_xi(eps_fn, schedule, noise, *, shape, n_samples: int = 128, num_step
         est = [correlation_length(np.asarray(logs[j][..., channel]), ndim=2) for j in range(len(log_at))]
         out[name] = np.array([float(e.xi) for e in est])
         out[name + "_err"] = np.array([float(e.stderr) for e in est])
+    if n_states:  # the mean Jacobian over the model's own states z_t (reverse-mode probes, small-|q| shells)
+        from ..sampling.criticality import _jvp_symbol, _sorted_real_eigenvalues, fourier_modes, reverse_drift
+
+        every = fourier_modes(H, 2)
+        n2 = np.sum(every**2, -1)
+        modes = every[n2 <= np.unique(n2)[shells - 1]]
+        drift = reverse_drift(vp.ou, vp)
+
+        def mean_symbol(args):
+            ss, zs = args
+            flat = jnp.moveaxis(zs, -1, 1).reshape(zs.shape[0], k, H * W)
+            return jax.lax.map(lambda z: _jvp_symbol(lambda v: drift(ss, v), z, modes, H, 2, 64, reverse=True), flat).mean(0)
+
+        G = jax.jit(lambda a, b: jax.lax.map(mean_symbol, (a, b)))(jnp.asarray(out["xi_ou_times"], jnp.float32),
+                                                                   res.z_log[:, :n_states])
+        rates = np.asarray(_sorted_real_eigenvalues(G)[..., 0], np.float64)  # (L, n_q)
+        m2 = np.sum(modes**2, -1)
+        out["annealed_shell_n2"] = np.unique(m2)
+        out["annealed_shell_rates"] = np.stack([rates[:, m2 == v].mean(1) for v in np.unique(m2)], 1)
+        out["annealed_top"] = rates.max(1)
+        order = np.argsort(out["xi_ou_times"])
+        s_sorted, top_sorted = out["xi_ou_times"][order], out["annealed_top"][order]
+        sol = critical_time(lambda t, r: jnp.interp(t, jnp.asarray(s_sorted), r), jnp.asarray(top_sorted),
+                            t_min=max(s_sorted[0], 1e-6), t_max=s_sorted[-1], grid_size=4 * len(s_sorted), throw=False)
+        out["annealed_t_c"] = float(sol.value) if bool(sol.found) else None
+        out["annealed_t_c_result"] = "found" if bool(sol.found) else _first_sentence(sol.message)
     return out
