@@ -177,6 +177,15 @@ def cmd_exact_score(args) -> int:
     return 0
 
 
+def _check_patterns(args) -> None:
+    """The patterns command's values that argparse cannot check alone: P <= L, an existing trained U-Net run."""
+    if args.patch > args.side and not args.quick:
+        raise ValueError(f"--patch {args.patch} is larger than the image side --side {args.side}: P must be <= L.")
+    if args.unet_run is not None and not (pathlib.Path(args.unet_run) / "checkpoints").is_dir():
+        raise ValueError(f"--unet-run {args.unet_run!r} holds no checkpoints/: pass the --out directory of a "
+                         "`coupled-diffusion train` run.")
+
+
 def cmd_patterns(args) -> int:
     import jax
     import numpy as np
@@ -195,12 +204,14 @@ def cmd_patterns(args) -> int:
     out.json("patterns.json", {"params": data["params"], "times": _to_json({"t": data["times"]})["t"],
                                "save_times": _to_json({"t": data["save_times"]})["t"], "jvp_vs_exact_max_abs": data["jvp_vs_exact_max_abs"],
                                "models": models})
+    out.png("mode_rates.png", plot_pattern_rates(data))
+    out.png("correlation_length.png", plot_pattern_xi(data))
+    out.png("samples.png", plot_pattern_samples(data))
     if args.unet_run is not None:  # a trained U-Net of the MNIST runs, through the same lens
-        from .data.pairing import PairedMNIST  # noqa: F401 (the run's data, rebuilt from its config)
         from .diffusion.build import build_data
         from .diffusion.checkpoint import load_run
         from .experiments.mnist_sync import run_eps
-        from .experiments.patterns import network_criticality
+        from .experiments.patterns import network_criticality, network_xi
         from .plotting import plot_network_rates
 
         run = load_run(args.unet_run)
@@ -210,8 +221,6 @@ def cmd_patterns(args) -> int:
         if pairs.swap:  # channels exchanged at random in training: both see the average
             means = np.repeat(means.mean(0, keepdims=True), 2, axis=0)
         net = network_criticality(eps_fn, schedule, means.reshape(2, -1), shape=(28, 28, 2))
-        from .experiments.patterns import network_xi
-
         net.update(network_xi(eps_fn, schedule, noise, shape=(28, 28, 2), n_samples=16 if args.quick else 128,
                               num_steps=10 if args.quick else 50, key=jax.random.key(args.seed + 2)))
         data["unet"] = net
@@ -244,9 +253,6 @@ def cmd_patterns(args) -> int:
                       f"{r['diversity']:.3f} [{r['diversity_ci'][0]:.3f}, {r['diversity_ci'][1]:.3f}]")
             for pair, d in guide["differences"].items():
                 print(f"  {pair:<15} " + "  ".join(f"d_{m} {v['value']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]" for m, v in d.items()))
-    out.png("mode_rates.png", plot_pattern_rates(data))
-    out.png("correlation_length.png", plot_pattern_xi(data))
-    out.png("samples.png", plot_pattern_samples(data))
     print("model             t_c      (about the mean state)   max xi(z_t)   nearest-training RMS (median)")
     for name, m in data["models"].items():
         tc = f"{m['t_c']:.4f}" if m.get("t_c") is not None else "none"
@@ -567,6 +573,8 @@ def main(argv=None) -> int:
             args.sweep = _sweep_config(args)
         if args.command == "dit-sync":
             args.dit_sync = _dit_sync_config(args)
+        if args.command == "patterns":
+            _check_patterns(args)
         from ._cpu_tuning import tune_cpu
 
         tune_cpu()  # the command opts in; importing the library does not (README, "CPU tuning")

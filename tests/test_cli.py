@@ -36,10 +36,14 @@ def test_exact_score_command_runs_small(tmp_path):
     assert (out / "cloning.png").exists() and (out / "memorization.png").exists()
 
 
-def test_patterns_command_rejects_an_even_patch_before_any_work():
+def test_patterns_command_rejects_bad_values_before_any_work(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "coupled_diffusion.cli", "patterns", "--patch", "4"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "odd patch side" in proc.stderr
+    from coupled_diffusion.cli import main
+
+    assert main(["patterns", "--out", str(tmp_path / "p"), "--unet-run", str(tmp_path)]) == 2  # no checkpoints/ there
+    assert main(["patterns", "--out", str(tmp_path / "p"), "--side", "7", "--patch", "9"]) == 2
 
 
 @pytest.mark.slow  # ~70 s (a subprocess); run with -m slow
