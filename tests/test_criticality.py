@@ -181,15 +181,21 @@ def test_full_size_two_cluster_patch_model_is_the_population_score_and_t_c_is_th
     np.testing.assert_allclose(jax.grad(t_c)(1.0), jax.grad(t_s)(1.0), rtol=1e-7)
 
 
+def stationary_covariance(side, amplitude, mass):
+    """A 1-D stationary patch covariance (P = L, centred offsets) with the lattice OZ spectrum
+    lambda_q = amplitude / (mass + qhat^2): `(lambda, C)`."""
+    n = np.fft.fftfreq(side) * side
+    lam = amplitude / (mass + 4 * np.sin(np.pi * n / side) ** 2)
+    c = np.real(np.fft.ifft(lam))
+    off = np.arange(side) - side // 2
+    return lam, np.array([[c[(b - a) % side] for b in off] for a in off])
+
+
 def test_gaussian_critical_time_has_the_closed_form_and_its_gradient():
     """k = 1, P = L, a stationary covariance with spectrum lambda_q: mode q's rate is beta - sigma^2 / (e^{-2t} lambda_q
     + v (1 - e^{-2t})), v = sigma^2 / 2 beta, so t_c = log((lambda_max - v) / v) / 2 for beta = 1, sigma^2 = 2."""
     side = 9
-    n = np.fft.fftfreq(side) * side
-    lam = 3.0 / (0.2 + 4 * np.sin(np.pi * n / side) ** 2)
-    c = np.real(np.fft.ifft(lam))
-    off = np.arange(side) - side // 2
-    C = np.array([[c[(b - a) % side] for b in off] for a in off])
+    lam, C = stationary_covariance(side, 3.0, 0.2)
 
     def t_c(scale):
         s = cd.GaussianPatchScore.of(OU_1, jnp.zeros((1, side)), C * scale, side=side, ndim=1)
@@ -256,11 +262,7 @@ def test_reverse_sampling_of_a_full_gaussian_model_reproduces_the_correlation_le
     """P = L Gaussian: the reverse SDE under the exact score has the forward marginals, whose spectrum is
     e^{-2t} lambda_q + 1 - e^{-2t}: the measured xi(t) must match the one computed from it."""
     side = 15
-    n = np.fft.fftfreq(side) * side
-    lam = 6.0 / (0.15 + 4 * np.sin(np.pi * n / side) ** 2)
-    c = np.real(np.fft.ifft(lam))
-    off = np.arange(side) - side // 2
-    C = np.array([[c[(b - a) % side] for b in off] for a in off])
+    lam, C = stationary_covariance(side, 6.0, 0.15)
     s = cd.GaussianPatchScore.of(OU_1, jnp.zeros((1, side)), C, side=side, ndim=1)
     T, steps = 4.0, 400
     save = jnp.array([2.0, 1.0, 0.4])

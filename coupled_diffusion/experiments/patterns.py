@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..sampling.criticality import correlation_length, critical_time, ginzburg_landau_fit, mode_growth_rates
+from ..sampling.criticality import correlation_length, critical_time, fourier_modes, ginzburg_landau_fit, mode_growth_rates
 from ..sampling.patch import GaussianPatchScore, PatchScore
 from ..sampling.scores import EmpiricalScore
 from ..sampling.sde import reverse_sde
@@ -47,6 +47,13 @@ def mnist_images(n: int, side: int, *, path=None, offset: int = 0) -> np.ndarray
     f = 28 // side
     x = x[offset:offset + n].reshape(n, side, f, side, f).mean((2, 4))
     return (2.0 * x - 1.0)[:, None].astype(np.float32)
+
+
+def _shell_modes(side: int, shells: int) -> np.ndarray:
+    """The wavenumbers `(n_q, 2)` of the `shells` smallest |q| shells of a side x side periodic image."""
+    every = fourier_modes(side, 2)
+    n2 = np.sum(every**2, -1)
+    return every[n2 <= np.unique(n2)[shells - 1]]
 
 
 def _grid_times(t_start, t_end, n_steps, n_saves):
@@ -118,10 +125,7 @@ def pattern_formation(
         tick()
 
     # the jvp route against the exact one (two-cluster model, small-q modes, three times)
-    from ..sampling.criticality import fourier_modes
-
-    small = fourier_modes(side, 2)
-    small = small[np.sum(small**2, -1) <= 2]
+    small = _shell_modes(side, 3)  # |n|^2 <= 2
     check_t = jnp.asarray(ts[[n_times // 4, n_times // 2, 3 * n_times // 4]])
     s2 = models["two_cluster"]
     exact = mode_growth_rates(ou, s2, check_t)
@@ -137,8 +141,7 @@ def pattern_formation(
     E_T, Q_T = models["gaussian"].path(t_max)
     mean0 = float(np.mean(fit_images))
     z0 = (E_T[0, 0] * mean0 + jnp.sqrt(Q_T[0, 0]) * jax.random.normal(jax.random.fold_in(key, 1), (n_samples, 1, d)))
-    every = fourier_modes(side, 2)
-    annealed_modes = every[np.sum(every**2, -1) <= np.unique(np.sum(every**2, -1))[annealed_shells - 1]]
+    annealed_modes = _shell_modes(side, annealed_shells)
     samples = {}
     for i, name in enumerate(MODELS):
         s = models[name]
@@ -198,7 +201,7 @@ def network_criticality(eps_fn, schedule, x_mean, *, shape, shells: int = 6, n_t
     zero (`critical_time`, with its result code). `shape`: the model's `(H, W, k)`.
     """
     from ..diffusion.exact import VPScore
-    from ..sampling.criticality import ModeRates, _jvp_symbol, _sorted_real_eigenvalues, fourier_modes, reverse_drift
+    from ..sampling.criticality import ModeRates, _jvp_symbol, _sorted_real_eigenvalues, reverse_drift
 
     H, W, k = shape
     if H != W:
@@ -210,9 +213,7 @@ def network_criticality(eps_fn, schedule, x_mean, *, shape, shells: int = 6, n_t
     T = int(schedule.alphas_cumprod.shape[0])
     steps = np.unique(np.rint(np.geomspace(1, T - 1, n_times)).astype(int))
     s = np.asarray(vp.ou_time(steps), np.float64)
-    every = fourier_modes(H, 2)
-    n2 = np.sum(every**2, -1)
-    modes = every[n2 <= np.unique(n2)[shells - 1]]
+    modes = _shell_modes(H, shells)
     drift = reverse_drift(vp.ou, vp)
 
     def one(args):
@@ -426,11 +427,9 @@ def network_xi(eps_fn, schedule, noise, *, shape, n_samples: int = 128, num_step
         out[name] = np.array([float(e.xi) for e in est])
         out[name + "_err"] = np.array([float(e.stderr) for e in est])
     if n_states:  # the mean Jacobian over the model's own states z_t (reverse-mode probes, small-|q| shells)
-        from ..sampling.criticality import _jvp_symbol, _sorted_real_eigenvalues, fourier_modes, reverse_drift
+        from ..sampling.criticality import _jvp_symbol, _sorted_real_eigenvalues, reverse_drift
 
-        every = fourier_modes(H, 2)
-        n2 = np.sum(every**2, -1)
-        modes = every[n2 <= np.unique(n2)[shells - 1]]
+        modes = _shell_modes(H, shells)
         drift = reverse_drift(vp.ou, vp)
 
         def mean_symbol(args):
