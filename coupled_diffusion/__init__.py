@@ -130,7 +130,7 @@ from .diffusion.config import (
     RunConfig as RunConfig,
     TrainConfig as TrainConfig,
 )
-from .diffusion.exact import EmpiricalEps as EmpiricalEps, VPScore as VPScore
+from .diffusion.exact import EmpiricalEps as EmpiricalEps, GaussianMixtureEps as GaussianMixtureEps, VPScore as VPScore
 from .diffusion.noise import (
     ModeNoise as ModeNoise,
     VPSchedule as VPSchedule,

@@ -186,6 +186,26 @@ def _check_patterns(args) -> None:
                          "`coupled-diffusion train` run.")
 
 
+def _write_guidance(out, stem: str, guide: dict, extra: dict, title: str) -> None:
+    """`stem.json` (and `stem.png`) of a guidance comparison, and its table on stdout."""
+    from .plotting import plot_guidance
+
+    print(title)
+    if "skipped" in guide:
+        out.json(f"{stem}.json", _to_json(extra) | guide)
+        print(f"guidance comparison skipped: {guide['skipped']}")
+        return
+    out.json(f"{stem}.json", _to_json(extra) | {k: v for k, v in guide.items() if k != "samples"})
+    out.png(f"{stem}.png", plot_guidance(guide))
+    print("guidance: condition, accuracy [95%], recognisable [95%], diversity [95%]")
+    for name, r in guide["conditions"].items():
+        print(f"  {name:<11} {r['accuracy']:.3f} [{r['accuracy_ci'][0]:.3f}, {r['accuracy_ci'][1]:.3f}]  "
+              f"{r['recognisable']:.3f} [{r['recognisable_ci'][0]:.3f}, {r['recognisable_ci'][1]:.3f}]  "
+              f"{r['diversity']:.3f} [{r['diversity_ci'][0]:.3f}, {r['diversity_ci'][1]:.3f}]")
+    for pair, d in guide["differences"].items():
+        print(f"  {pair:<17} " + "  ".join(f"d_{m} {v['value']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]" for m, v in d.items()))
+
+
 def cmd_patterns(args) -> int:
     import jax
     import numpy as np
@@ -207,6 +227,18 @@ def cmd_patterns(args) -> int:
     out.png("mode_rates.png", plot_pattern_rates(data))
     out.png("correlation_length.png", plot_pattern_xi(data))
     out.png("samples.png", plot_pattern_samples(data))
+    # guidance pulses on the exact class-conditional Gaussian mixture of the 28 x 28 digits (t_c known exactly)
+    from .experiments.patterns import mixture_guidance
+    from .plotting import plot_mixture_rates
+
+    mix = mixture_guidance(args.out, mnist_path=args.mnist, scale=args.guidance_scale, half_width=args.guidance_width,
+                           per_class=4 if args.quick else (args.per_class or 50), num_steps=10 if args.quick else 50,
+                           classifier_steps=60 if args.quick else 800, key=jax.random.key(args.seed + 3))
+    tc = mix["t_c_result"] if mix["t_c"] is None else f"{mix['t_c']:.4f}"
+    _write_guidance(out, "guidance", mix["guidance"], {k: v for k, v in mix.items() if k != "guidance"},
+                    f"exact Gaussian-mixture digits (classifier test accuracy {mix['classifier_test_accuracy']:.3f}): "
+                    f"t_c about the mean state {tc}")
+    out.png("mixture_rates.png", plot_mixture_rates(mix))
     if args.unet_run is not None:  # a trained U-Net of the MNIST runs, through the same lens
         from .diffusion.build import build_data
         from .diffusion.checkpoint import load_run
@@ -230,35 +262,23 @@ def cmd_patterns(args) -> int:
         print(f"trained U-Net ({args.unet_run}, step {run.step}): t_c about the mean state {tc}")
     if args.dit_run is not None:  # the class-conditional MNIST DiT: its t_c, and guidance pulses there
         from .experiments.patterns import dit_patterns
-        from .plotting import plot_guidance, plot_network_rates
+        from .plotting import plot_network_rates
 
         res = dit_patterns(args.dit_run, mnist_path=args.mnist, scale=args.guidance_scale, half_width=args.guidance_width,
-                           per_class=args.per_class, key=jax.random.key(args.seed + 1))
+                           per_class=args.per_class or 20, key=jax.random.key(args.seed + 1))
         net, guide = res["dit"], res["guidance"]
         out.json("dit_criticality.json", _to_json(dict(net)) | {"run": str(args.dit_run),
                                                                "classifier_test_accuracy": res["classifier_test_accuracy"]})
         out.png("dit_mode_rates.png", plot_network_rates(net))
         tc = f"{net['t_c']:.4f} (timestep {net['t_c_timestep']:.1f})" if net["t_c"] is not None else net["t_c_result"]
         print(f"MNIST DiT ({args.dit_run}): t_c about the mean state {tc}")
-        if "skipped" in guide:
-            out.json("guidance.json", guide)
-            print(f"guidance comparison skipped: {guide['skipped']}")
-        else:
-            out.json("guidance.json", {k: v for k, v in guide.items() if k != "samples"})
-            out.png("guidance.png", plot_guidance(guide))
-            print("guidance: condition, accuracy [95%], recognisable [95%], diversity [95%]")
-            for name, r in guide["conditions"].items():
-                print(f"  {name:<9} {r['accuracy']:.3f} [{r['accuracy_ci'][0]:.3f}, {r['accuracy_ci'][1]:.3f}]  "
-                      f"{r['recognisable']:.3f} [{r['recognisable_ci'][0]:.3f}, {r['recognisable_ci'][1]:.3f}]  "
-                      f"{r['diversity']:.3f} [{r['diversity_ci'][0]:.3f}, {r['diversity_ci'][1]:.3f}]")
-            for pair, d in guide["differences"].items():
-                print(f"  {pair:<15} " + "  ".join(f"d_{m} {v['value']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]" for m, v in d.items()))
+        _write_guidance(out, "dit_guidance", guide, {}, "MNIST DiT guidance")
     print("model             t_c      (about the mean state)   max xi(z_t)   nearest-training RMS (median)")
     for name, m in data["models"].items():
         tc = f"{m['t_c']:.4f}" if m.get("t_c") is not None else "none"
         xi = np.nanmax(m["xi_z"]) if np.any(np.isfinite(m["xi_z"])) else float("nan")
         print(f"  {name:<16} {tc:<8} {m.get('t_c_result', ''):<24.24} {xi:8.2f}      {m['nearest_rms']['median']:.3f}")
-    out.done("mode_rates.png, correlation_length.png, samples.png and patterns.json")
+    out.done("mode_rates.png, correlation_length.png, samples.png, patterns.json, guidance.png/.json, mixture_rates.png")
     return 0
 
 
@@ -392,8 +412,8 @@ def _parser() -> argparse.ArgumentParser:
                    "if absent, ~20 min): its mode rates and t_c, and guidance pulses at t_c against constant guidance and none")
     p.add_argument("--guidance-scale", type=_NONNEG_FLOAT, default=2.0, help="extra guidance in the pulse, w = 1 + scale (default 2)")
     p.add_argument("--guidance-width", type=_POS_FLOAT, default=0.25, help="half-width of the pulse in OU time (default 0.25)")
-    p.add_argument("--per-class", type=_number(int, "an integer >= 2", lambda v: v >= 2), default=20,
-                   help="guidance samples per digit and condition (default 20)")
+    p.add_argument("--per-class", type=_number(int, "an integer >= 2", lambda v: v >= 2), default=None,
+                   help="guidance samples per digit and condition (default 50 for the exact mixture, 20 for --dit-run)")
     p.set_defaults(func=cmd_patterns)
     p = command("optimize-schedule", "learn g(t) for Appendix C by gradient; compare with const/late/early on fresh samples")
     p.add_argument("--out", default="figures", help="output directory (default: ./figures)")

@@ -551,3 +551,24 @@ def plot_guidance(g: dict) -> Figure:
         ax.set_yticks([])
         ax.set_ylabel(n, fontsize=7)
     return fig
+
+
+def plot_mixture_rates(mix: dict) -> Figure:
+    """The exact Gaussian-mixture model's top growth rate about the mean state over OU time, with t_c and the
+    guidance windows (pulse at t_c, controls) shaded."""
+    fig = _figure((5.6, 3.6), 120)
+    ax = fig.subplots()
+    s, top = np.asarray(mix["rates"]["s"], float), np.asarray(mix["rates"]["top"], float)
+    ax.plot(s, np.sign(top) * np.log1p(np.abs(top)), "o-", ms=2, lw=1)
+    ax.axhline(0, color="k", lw=0.5)
+    if mix.get("t_c") is not None:
+        ax.axvline(mix["t_c"], color="k", ls="--", lw=1, label=f"t_c = {mix['t_c']:.3f}")
+    g = mix.get("guidance", {})
+    if "params" in g:
+        w = g["params"]["window"]
+        ax.axvspan(w[0], w[1], color="C1", alpha=0.25, label="pulse window")
+        for c in g["params"].get("controls", []):
+            ax.axvspan(max(c - (w[1] - w[0]) / 2, 0), c + (w[1] - w[0]) / 2, color="C2", alpha=0.15)
+    ax.set(xlabel="OU time s", ylabel="sign(r) log(1 + |r|), top rate r", title="exact Gaussian-mixture digits: top drift rate")
+    ax.legend(fontsize=7)
+    return fig

@@ -59,8 +59,12 @@ def test_guided_eps_is_the_classifier_free_mixture_with_a_per_timestep_weight():
 
 def test_guidance_comparison_runs_paired_and_matches_strengths():
     sched = cd.VPSchedule.linear(50)
-    out = guidance_comparison(tiny_dit(), DigitClassifier(rngs=nnx.Rngs(1)), sched, t_c=0.8, half_width=0.3, scale=2.0, per_class=2,
-                              num_steps=5, n_boot=20, key=jax.random.key(3))
+    rng = np.random.default_rng(0)  # an exact class-conditional model whose classes differ (a fresh DiT's output is zero)
+    A = rng.normal(0, 0.05, (10, 784, 3))
+    model = cd.GaussianMixtureEps(rng.uniform(-1, 1, (10, 784)), A @ np.swapaxes(A, 1, 2) + 0.01 * np.eye(784), np.ones(10), sched,
+                                  shape=(28, 28, 1))
+    out = guidance_comparison(model, DigitClassifier(rngs=nnx.Rngs(1)), sched, t_c=0.8, half_width=0.3, scale=2.0, per_class=2,
+                              num_steps=10, n_boot=20, controls=(0.8, 1.6), key=jax.random.key(3))
     c = out["conditions"]
     assert c["none"]["strength"] == 0.0 and c["pulse"]["strength"] == pytest.approx(c["constant"]["strength"], rel=1e-6)
     for r in c.values():
@@ -69,9 +73,13 @@ def test_guidance_comparison_runs_paired_and_matches_strengths():
         assert all(v["ci"][0] <= v["ci"][1] for v in diff.values())
     assert out["differences"]["pulse-none"]["accuracy"]["value"] == pytest.approx(c["pulse"]["accuracy"] - c["none"]["accuracy"])
     assert out["samples"]["pulse"].shape == (10, 28, 28)
+    # a control centred at t_c is the pulse itself (same weights, same random numbers): equal samples, zero differences
+    np.testing.assert_array_equal(out["samples"]["pulse@0.80"], out["samples"]["pulse"])
+    assert all(v["value"] == 0 and v["ci"] == [0, 0] for v in out["differences"]["pulse-pulse@0.80"].values())
+    assert not np.array_equal(out["samples"]["pulse@1.60"], out["samples"]["pulse"])
     from coupled_diffusion.plotting import plot_guidance
 
-    assert len(plot_guidance(out).axes) == 3 + 3  # the three metrics, one sample row per condition
+    assert len(plot_guidance(out).axes) == 3 + 5  # the three metrics, one sample row per condition
 
 
 @pytest.mark.slow  # ~1 min: a tiny DiT and classifier trained, its rates, t_c and the comparison

@@ -110,3 +110,134 @@ class VPScore(eqx.Module):
         eps = self.eps_fn(img, jnp.broadcast_to(n, img.shape[:1]))
         out = -jnp.moveaxis(eps, -1, 1).reshape(batch + (k, d)) / jnp.sqrt(1.0 - ab)
         return out.astype(z.dtype)
+
+
+class GaussianMixtureEps(eqx.Module):
+    r"""The exact class-conditional noise predictor of a Gaussian mixture: class $c$ is $N(\mu_c, \Sigma_c)$ with
+    weight $\pi_c$, and the forward law is $z = \sqrt{\bar\alpha}\,x_0 + \sqrt{1 - \bar\alpha}\,\varepsilon$ with
+    isotropic noise. Class $c$ alone gives $z \sim N(\sqrt{\bar\alpha}\mu_c, C_c)$, $C_c = \bar\alpha\Sigma_c +
+    (1 - \bar\alpha) I$, so $\hat\varepsilon_c(z) = \sqrt{1 - \bar\alpha}\,C_c^{-1}(z - \sqrt{\bar\alpha}\mu_c)$; the
+    unconditional (null class `num_classes`) prediction is the posterior-weighted $\sum_c r_c(z)\hat\varepsilon_c(z)$,
+    $r_c \propto \pi_c N(z; \sqrt{\bar\alpha}\mu_c, C_c)$. Both are exact, so classifier-free guidance on this model
+    has a known answer at $w = 1$ (the class's own Gaussian) and the critical time of its unconditional drift is
+    computable exactly ([`GaussianMixtureEps.critical_time`][]).
+
+    `model(z, t, y)`: images `z` `(B, H, W, k)`, timesteps `t` `(B,)` of `schedule`, labels `y` `(B,)` in
+    0 ... `num_classes` (the last one is the unconditional prediction), as a class-conditional [`DiT`][] is
+    called; `y=None` is unconditional. Covariances are stored by their eigendecompositions.
+    """
+
+    means: Float[Array, "C D"]
+    eigvecs: Float[Array, "C D D"]
+    eigvals: Float[Array, "C D"]
+    log_weights: Float[Array, " C"]
+    schedule: VPSchedule
+    shape: tuple[int, ...] = eqx.field(static=True)
+
+    def __init__(self, means, covariances, weights, schedule: VPSchedule, *, shape):
+        mu = np.asarray(means, np.float64)
+        cov = np.asarray(covariances, np.float64)
+        w = np.asarray(weights, np.float64)
+        shape = tuple(int(v) for v in shape)
+        D = int(np.prod(shape))
+        if mu.ndim != 2 or mu.shape[0] < 1 or mu.shape[1] != D:
+            raise ValueError(f"`means` must be (C, D) with C >= 1 and D = prod(shape) = {D}, got shape {mu.shape}.")
+        C = mu.shape[0]
+        if cov.shape != (C, D, D):
+            raise ValueError(f"`covariances` must be (C, D, D) = ({C}, {D}, {D}), got shape {cov.shape}.")
+        if w.shape != (C,) or not np.all(w > 0) or not np.all(np.isfinite(w)):
+            raise ValueError(f"`weights` must be {C} positive finite numbers, got {w!r}.")
+        if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(cov))):
+            raise ValueError("`means` and `covariances` must be finite.")
+        if not np.allclose(cov, np.swapaxes(cov, 1, 2), atol=1e-8 * max(1.0, float(np.abs(cov).max()))):
+            raise ValueError("`covariances` must be symmetric.")
+        lam, U = np.linalg.eigh(cov)
+        if lam.min() < -1e-6 * max(1.0, float(lam.max())):
+            raise ValueError(f"`covariances` must be positive semi-definite; the smallest eigenvalue is {lam.min():.3g}.")
+        f = jnp.result_type(float)  # float64 under jax_enable_x64, else float32
+        self.means, self.eigvecs = jnp.asarray(mu, f), jnp.asarray(U, f)
+        self.eigvals = jnp.asarray(np.maximum(lam, 0.0), f)
+        self.log_weights = jnp.asarray(np.log(w / w.sum()), f)
+        self.schedule, self.shape = schedule, shape
+
+    @classmethod
+    def fit(cls, images, labels, schedule: VPSchedule, *, num_classes: int | None = None, ridge: float = 1e-3) -> GaussianMixtureEps:
+        """Class means, covariances (plus `ridge` on the diagonal) and frequencies of `images` `(N, H, W, k)` with
+        integer `labels` `(N,)` in 0 ... `num_classes` - 1 (default: the largest label + 1); every class needs at
+        least two images."""
+        x = np.asarray(images, np.float64)
+        y = np.asarray(labels)
+        if x.ndim != 4 or x.shape[0] < 2:
+            raise ValueError(f"`images` must be (N, H, W, k) with N >= 2, got shape {x.shape}.")
+        if y.shape != x.shape[:1] or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+            raise ValueError(f"`labels` must be {x.shape[0]} non-negative integers, got shape {y.shape}, dtype {y.dtype}.")
+        C = int(y.max()) + 1 if num_classes is None else int(num_classes)
+        counts = np.bincount(y, minlength=C)
+        if y.max() >= C or counts.min() < 2:
+            raise ValueError(f"every class 0 ... {C - 1} needs at least two images (counts {counts.tolist()}).")
+        if not (np.isfinite(ridge) and ridge >= 0):
+            raise ValueError(f"`ridge` must be a finite number >= 0, got {ridge!r}.")
+        flat = x.reshape(x.shape[0], -1)
+        means = np.stack([flat[y == c].mean(0) for c in range(C)])
+        covs = np.stack([np.cov(flat[y == c], rowvar=False) + ridge * np.eye(flat.shape[1]) for c in range(C)])
+        return cls(means, covs, counts / counts.sum(), schedule, shape=x.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.means.shape[0])
+
+    @property
+    def mean(self):
+        """The mixture's mean image, flattened `(D,)`."""
+        return jnp.exp(self.log_weights) @ self.means
+
+    def components(self, z, ab):
+        r"""Per class, for flattened states `z` `(B, D)` at $\bar\alpha$ `ab` (scalar or `(B,)`): the log of
+        $\pi_c N(z; \sqrt{\bar\alpha}\mu_c, C_c)$ up to a constant common to all classes, `(B, C)`, and
+        $\hat\varepsilon_c$, `(B, C, D)`."""
+        ab = jnp.broadcast_to(jnp.asarray(ab, z.dtype), z.shape[:1])[:, None, None]
+        r = z[:, None, :] - jnp.sqrt(ab) * self.means.astype(z.dtype)[None]
+        a = jnp.einsum("bcd,cde->bce", r, self.eigvecs.astype(z.dtype))  # coordinates in each class's eigenbasis
+        v = ab * self.eigvals.astype(z.dtype)[None] + (1 - ab)
+        logp = self.log_weights.astype(z.dtype) - 0.5 * jnp.sum(a**2 / v + jnp.log(v), -1)
+        eps = jnp.sqrt(1 - ab) * jnp.einsum("cde,bce->bcd", self.eigvecs.astype(z.dtype), a / v)
+        return logp, eps
+
+    def eps(self, z, ab, y=None):
+        """The prediction for flattened states `z` `(B, D)` at $\bar\alpha$ `ab`; `y` as in `__call__`."""
+        logp, eps = self.components(z, ab)
+        uncond = jnp.einsum("bc,bcd->bd", jax.nn.softmax(logp, -1), eps)
+        if y is None:
+            return uncond
+        y = jnp.asarray(y, jnp.int32)
+        cond = jnp.take_along_axis(eps, jnp.clip(y, 0, self.num_classes - 1)[:, None, None], 1)[:, 0]
+        return jnp.where((y >= self.num_classes)[:, None], uncond, cond)
+
+    def __call__(self, z, t, y=None):
+        if z.shape[1:] != self.shape:
+            raise ValueError(f"`z` must be (B,) + {self.shape}, got {z.shape}.")
+        ab = self.schedule.alphas_cumprod[jnp.broadcast_to(t, z.shape[:1])].astype(z.dtype)
+        return self.eps(z.reshape(z.shape[0], -1), ab, y).reshape(z.shape)
+
+    def drift_jacobian(self, s, z=None):
+        r"""The Jacobian $I + 2\nabla s_s(z)$ `(D, D)` of the unconditional reverse drift of the equivalent OU process
+        ($\bar\alpha = e^{-2s}$, $s$ the OU time; see [`VPScore`][]) at the flattened state `z` (default: the mean
+        state $e^{-s}\bar x$). Symmetric: the score is a gradient."""
+        s = jnp.asarray(s, self.means.dtype)
+        ab = jnp.exp(-2.0 * s)
+        z = jnp.exp(-s) * self.mean if z is None else jnp.asarray(z, self.means.dtype)
+        score = lambda x: -self.eps(x[None], ab)[0] / jnp.sqrt(1 - ab)  # noqa: E731
+        J = jnp.eye(z.shape[-1], dtype=z.dtype) + 2.0 * jax.jacfwd(score)(z)
+        return 0.5 * (J + J.T)
+
+    def top_rate(self, s):
+        """The largest eigenvalue of [`GaussianMixtureEps.drift_jacobian`][] at the mean state: the growth rate of
+        the most unstable direction of the reverse drift at OU time `s`."""
+        return jnp.linalg.eigvalsh(self.drift_jacobian(s))[-1]
+
+    def critical_time(self, *, t_min: float = 0.01, t_max: float = 3.0, grid_size: int = 24, throw: bool = True):
+        """The OU time at which the top rate about the mean state crosses zero, by [`critical_time`][] (its result
+        codes and implicit gradient)."""
+        from ..sampling.criticality import critical_time
+
+        return critical_time(lambda s, m: m.top_rate(s), self, t_min=t_min, t_max=t_max, grid_size=grid_size, throw=throw)

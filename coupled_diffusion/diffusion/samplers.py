@@ -336,7 +336,8 @@ class GuidedEps(eqx.Module):
     r"""Classifier-free guidance with a per-timestep weight (a guidance window, or pulse), as an `eps_fn` for
     [`sample`][]: $\hat\varepsilon = \hat\varepsilon_\varnothing + w_t(\hat\varepsilon_y - \hat\varepsilon_\varnothing)$,
     the conditional and unconditional predictions of one class-conditional model `model(z, t, y)` (a
-    [`DiT`][] with label dropout; its null class is `null`, default `model.num_classes`) evaluated in one batch.
+    [`DiT`][] with label dropout, or any callable such as [`GaussianMixtureEps`][]; its null class is `null`,
+    default `model.num_classes`) evaluated in one batch.
     `weights`: `(T,)` from [`guidance_weights`][] ($w = 1$: plain conditional sampling); `y`: the labels `(B,)`.
     """
 
@@ -346,17 +347,18 @@ class GuidedEps(eqx.Module):
     weights: Array
     null: int = eqx.field(static=True)
 
-    def __init__(self, model: nnx.Module, y, weights, *, null: int | None = None):
+    def __init__(self, model, y, weights, *, null: int | None = None):
         null = getattr(model, "num_classes", None) if null is None else null
         if null is None:
             raise ValueError("`null` (the unconditional class index) is needed for a model without `num_classes`.")
-        self.graphdef, self.state = nnx.split(model)
+        # an NNX module travels as (graphdef, state); any other model (an equinox module, a function) as itself
+        self.graphdef, self.state = nnx.split(model) if isinstance(model, nnx.Module) else (None, model)
         self.y = jnp.asarray(y, jnp.int32)
         self.weights = jnp.asarray(weights, jnp.float32)
         self.null = int(null)
 
     def __call__(self, z, t):
-        model = nnx.merge(self.graphdef, self.state)
+        model = self.state if self.graphdef is None else nnx.merge(self.graphdef, self.state)
         B = z.shape[0]
         out = model(jnp.concatenate([z, z]), jnp.concatenate([t, t]),
                     jnp.concatenate([self.y, jnp.full((B,), self.null, jnp.int32)]))[..., : z.shape[-1]]

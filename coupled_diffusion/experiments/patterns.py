@@ -254,7 +254,8 @@ def _diversity(features, labels, classes, idx=None):
 
 
 def guidance_comparison(model, classifier, schedule, *, t_c: float, half_width: float = 0.25, scale: float = 2.0,
-                        per_class: int = 20, num_steps: int = 50, eta: float = 1.0, n_boot: int = 1000, key=None) -> dict:
+                        per_class: int = 20, num_steps: int = 50, eta: float = 1.0, n_boot: int = 1000, controls=(),
+                        key=None) -> dict:
     r"""Classifier-free guidance pulses at the critical time against constant guidance of the same total strength
     and against none, on a class-conditional model (the MNIST DiT) with a digit classifier trained here.
 
@@ -266,7 +267,10 @@ def guidance_comparison(model, classifier, schedule, *, t_c: float, half_width: 
     argmax is the asked digit) and recognisability (correct with probability >= 0.9), each with a Wilson 95%
     interval; diversity, the mean pairwise distance of the classifier's penultimate features within a digit
     (averaged over digits), with a bootstrap 95% interval; and the paired differences pulse - none,
-    pulse - constant, constant - none with bootstrap 95% intervals over the paired samples.
+    pulse - constant, constant - none with bootstrap 95% intervals over the paired samples. `controls`: other
+    window centres (OU times); each adds a condition `pulse@<centre>` (the same scale and half-width there) and
+    the difference `pulse-pulse@<centre>`, which isolates *where* the pulse sits from *how much* guidance it adds.
+    `model(z, t, y)`: a class-conditional predictor of 28 x 28 x 1 digits (a [`DiT`][] or [`GaussianMixtureEps`][]).
     """
     from flax import nnx
 
@@ -279,6 +283,8 @@ def guidance_comparison(model, classifier, schedule, *, t_c: float, half_width: 
     const = matched_constant_scale(schedule, scale, window, num_steps)
     weights = {"none": guidance_weights(schedule, 0.0), "pulse": guidance_weights(schedule, scale, window),
                "constant": guidance_weights(schedule, const)}
+    for c in controls:
+        weights[f"pulse@{c:.2f}"] = guidance_weights(schedule, scale, (max(c - half_width, 0.0), c + half_width))
     y = np.repeat(np.arange(10, dtype=np.int32), per_class)
     z0 = jax.random.normal(jax.random.fold_in(key, 0), (y.size, 28, 28, 1), jnp.float32)
     noise = ModeNoise.isotropic(1)
@@ -314,14 +320,14 @@ def guidance_comparison(model, classifier, schedule, *, t_c: float, half_width: 
         div = np.asarray(boots[name]["diversity"])
         results[name]["diversity_ci"] = [float(np.quantile(div, 0.025)), float(np.quantile(div, 0.975))]
     diffs = {}
-    for a, b in (("pulse", "none"), ("pulse", "constant"), ("constant", "none")):
+    for a, b in (("pulse", "none"), ("pulse", "constant"), ("constant", "none")) + tuple(("pulse", n) for n in list(weights)[3:]):
         diffs[f"{a}-{b}"] = {}
         for metric in ("accuracy", "recognisable", "diversity"):
             d = np.asarray(boots[a][metric]) - np.asarray(boots[b][metric])
             diffs[f"{a}-{b}"][metric] = {"value": results[a][metric] - results[b][metric],
                                          "ci": [float(np.quantile(d, 0.025)), float(np.quantile(d, 0.975))]}
     return {"params": {"t_c": t_c, "window": list(window), "scale": scale, "constant_scale": const, "per_class": per_class,
-                       "num_steps": num_steps, "eta": eta, "n_boot": n_boot},
+                       "num_steps": num_steps, "eta": eta, "n_boot": n_boot, "controls": [float(c) for c in controls]},
             "conditions": results, "differences": diffs, "samples": samples}
 
 
@@ -450,4 +456,50 @@ def network_xi(eps_fn, schedule, noise, *, shape, n_samples: int = 128, num_step
                             t_min=max(s_sorted[0], 1e-6), t_max=s_sorted[-1], grid_size=4 * len(s_sorted), throw=False)
         out["annealed_t_c"] = float(sol.value) if bool(sol.found) else None
         out["annealed_t_c_result"] = "found" if bool(sol.found) else _first_sentence(sol.message)
+    return out
+
+
+def mixture_guidance(out_dir, *, mnist_path=None, scale: float = 2.0, half_width: float = 0.25, per_class: int = 50,
+                     num_steps: int = 50, controls="auto", classifier_steps: int = 800, ridge: float = 1e-3, key=None,
+                     progress: bool = True) -> dict:
+    r"""Guidance pulses on an *exact* class-conditional model: [`GaussianMixtureEps`][] fitted to the 28 x 28 MNIST
+    training digits (one Gaussian per digit, full covariance plus `ridge`), under the linear VP schedule of 1000
+    steps. Its unconditional reverse drift is known in closed form, so its critical time $t_c$ about the mean state
+    (the top eigenvalue of the dense $784 \times 784$ drift Jacobian crossing zero, [`GaussianMixtureEps.critical_time`][])
+    is exact rather than estimated, and $w = 1$ samples each digit's Gaussian exactly: any effect of the pulse is the
+    guidance's, not a model error's. The digit classifier of `dit-sync` is trained (or reused) in
+    `out_dir/classifier` for `classifier_steps`. [`guidance_comparison`][] then compares none / pulse at $t_c$ /
+    matched constant, plus pulses of the same size centred elsewhere (`controls`; `"auto"`: $t_c \mp 4w$, kept
+    above $w$). **Returns:** `t_c`, `t_c_result`, `rates` (`s`, `top`: the top rate on a grid), the classifier's
+    test accuracy and the comparison (`guidance`)."""
+    from pathlib import Path
+
+    from ..data.mnist import load_mnist
+    from ..diffusion.exact import GaussianMixtureEps
+    from ..diffusion.noise import VPSchedule
+    from .dit_sync import DiTSync, train_digit_classifier
+
+    key = jax.random.key(0) if key is None else key
+    cfg = DiTSync(classifier_steps=classifier_steps, data_path=None if mnist_path is None else str(mnist_path))
+    cfg.validate()
+    schedule = VPSchedule.linear(1000)
+    x, y = load_mnist("train", mnist_path)
+    model = GaussianMixtureEps.fit(2.0 * np.asarray(x)[..., None] - 1.0, y, schedule, num_classes=10, ridge=ridge)
+    s_max = float(-0.5 * np.log(schedule.alphas_cumprod[-1]))
+    sol = model.critical_time(t_min=0.01, t_max=min(4.0, s_max), throw=False)
+    grid = np.linspace(0.01, min(4.0, s_max), 41)
+    top = np.asarray(jax.jit(jax.vmap(model.top_rate))(jnp.asarray(grid, model.means.dtype)), np.float64)
+    out = {"t_c": float(sol.value) if bool(sol.found) else None, "t_c_result": "found" if bool(sol.found) else _first_sentence(sol.message),
+           "rates": {"s": grid, "top": top}, "ridge": ridge}
+    classifier, accuracy = train_digit_classifier(cfg, Path(out_dir), progress=progress)
+    out["classifier_test_accuracy"] = accuracy
+    if out["t_c"] is None:
+        out["guidance"] = {"skipped": f"no critical time: {out['t_c_result']}"}
+        return out
+    t_c = out["t_c"]
+    if controls == "auto":
+        controls = tuple(c for c in (t_c - 4 * half_width, t_c + 4 * half_width) if half_width <= c <= s_max - half_width)
+    out["guidance"] = guidance_comparison(model, classifier, schedule, t_c=t_c, half_width=half_width, scale=scale,
+                                          per_class=per_class, num_steps=num_steps, controls=tuple(controls), key=key)
+    out["guidance"]["params"]["t_c_source"] = "exact (Gaussian mixture, mean state)"
     return out
