@@ -240,3 +240,15 @@ def test_protocols_split_their_batch_over_4_fake_devices_with_the_same_numbers()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
+
+
+def test_schedule_ou_time_and_timestep_are_inverse_and_match_alphabar():
+    sched = cd.VPSchedule.cosine(300)
+    ab = np.asarray(sched.alphas_cumprod, np.float64)
+    n = np.array([0, 5, 123, 299])
+    np.testing.assert_allclose(np.asarray(sched.ou_time(n)), -0.5 * np.log(ab[n]), rtol=1e-12)
+    frac = np.array([0.25, 17.5, 298.9])
+    np.testing.assert_allclose(np.asarray(sched.timestep(sched.ou_time(frac))), frac, rtol=1e-9)
+    s_mid = 0.5 * (-0.5 * np.log(ab[10]) - 0.5 * np.log(ab[11]))
+    assert int(sched.timestep(s_mid + 1e-9, discrete=True)) == 11 and int(sched.timestep(s_mid - 1e-9, discrete=True)) == 10
+    assert int(sched.timestep(1e3, discrete=True)) == 299 and float(sched.timestep(1e3)) == 299  # clipped by default

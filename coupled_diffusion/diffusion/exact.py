@@ -88,16 +88,13 @@ class VPScore(eqx.Module):
         return CoupledOU(-jnp.eye(self.k, dtype=jnp.float32), 2.0)
 
     def ou_time(self, n):
-        r"""$s_n = -\frac12 \log\bar\alpha_n$, the OU time of timestep(s) `n`."""
-        return -0.5 * jnp.log(self.schedule.alphas_cumprod[jnp.asarray(n)])
+        r"""$s_n = -\frac12 \log\bar\alpha_n$, the OU time of timestep(s) `n` ([`VPSchedule.ou_time`][])."""
+        return self.schedule.ou_time(n)
 
     def timestep(self, s):
         """The timestep of OU time(s) `s`: the nearest integer (`discrete=True`), or fractional, log-linear in
-        $\bar\alpha$."""
-        log_ab = jnp.log(self.schedule.alphas_cumprod)  # decreasing in n
-        T = log_ab.shape[0]
-        n = jnp.interp(-2.0 * jnp.asarray(s, log_ab.dtype), log_ab[::-1], jnp.arange(T, dtype=log_ab.dtype)[::-1])
-        return jnp.clip(jnp.rint(n), 0, T - 1).astype(jnp.int32) if self.discrete else n
+        $\bar\alpha$ ([`VPSchedule.timestep`][])."""
+        return self.schedule.timestep(s, discrete=self.discrete)
 
     def __call__(self, s, z):
         k, d = z.shape[-2:]

@@ -124,6 +124,30 @@ class VPSchedule(eqx.Module):
     def T(self) -> int:
         return self.betas.shape[0]
 
+    def ou_time(self, t):
+        r"""$s_t = -\frac12\log\bar\alpha_t$, the OU time of timestep(s) `t` (integer or fractional, interpolated
+        linearly in $\log\bar\alpha$): the time at which the equivalent process $dZ = -Z\,ds + \sqrt2\,dW$ has the
+        schedule's signal level, since $\bar\alpha_t = e^{-2s}$ makes the VP forward law that OU process."""
+        log_ab = jnp.log(self.alphas_cumprod.astype(jnp.result_type(float)))  # float64 under jax_enable_x64
+        t = jnp.asarray(t)
+        if jnp.issubdtype(t.dtype, jnp.integer):
+            return -0.5 * log_ab[t]
+        return -0.5 * jnp.interp(t, jnp.arange(log_ab.shape[0], dtype=log_ab.dtype), log_ab)
+
+    def timestep(self, s, *, discrete: bool = False, outside: Literal["clip", "nan"] = "clip"):
+        r"""The timestep of OU time(s) `s`, the inverse of [`VPSchedule.ou_time`][]: fractional (linear in
+        $\log\bar\alpha$), or with `discrete=True` the nearest integer. Outside the schedule's range
+        $[s_0, s_{T-1}]$: clipped to it (`outside="clip"`) or NaN (`"nan"`, fractional only)."""
+        log_ab = jnp.log(self.alphas_cumprod.astype(jnp.result_type(float)))  # decreasing in t
+        T = log_ab.shape[0]
+        x = -2.0 * jnp.asarray(s, log_ab.dtype)
+        n = jnp.interp(x, log_ab[::-1], jnp.arange(T, dtype=log_ab.dtype)[::-1])
+        if discrete:
+            return jnp.clip(jnp.rint(n), 0, T - 1).astype(jnp.int32)
+        if outside == "nan":
+            return jnp.where((x >= log_ab[-1]) & (x <= log_ab[0]), n, jnp.nan)
+        return n
+
     def alpha_bar_prev(self, t_prev: Int[Array, ...]) -> Float[Array, ...]:
         r"""$\bar\alpha$ at `t_prev`, and 1 where `t_prev < 0` (the clean end, diffusers' `set_alpha_to_one`)."""
         return jnp.where(t_prev >= 0, self.alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0)

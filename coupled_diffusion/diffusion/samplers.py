@@ -295,7 +295,7 @@ def sample(eps_fn, schedule: VPSchedule, noise: ModeNoise, key, z_start: Float[A
 def ou_times(schedule: VPSchedule) -> np.ndarray:
     r"""$s_n = -\frac12\log\bar\alpha_n$ for every timestep: the OU time at which the equivalent process
     $dZ = -Z\,ds + \sqrt2\,dW$ has the schedule's signal level (`VPScore`)."""
-    return -0.5 * np.log(np.asarray(schedule.alphas_cumprod, np.float64))
+    return np.asarray(schedule.ou_time(np.arange(schedule.T)), np.float64)
 
 
 def guidance_weights(schedule: VPSchedule, scale: float, window=None) -> np.ndarray:

@@ -341,10 +341,7 @@ def timestep_of_ou_time(schedule: VPSchedule, s) -> np.ndarray:
     r"""The (fractional) diffusion timestep whose signal level equals that of OU time `s`:
     $\bar\alpha_t = e^{-2s}$ (the VP forward law is the OU $dX = -X\,ds + \sqrt2\,\sigma\,dW$ at $s$),
     linearly interpolated in $\log \bar\alpha$; NaN outside the schedule's range."""
-    log_ab = np.log(np.asarray(schedule.alphas_cumprod, np.float64))  # decreasing in t
-    s = np.asarray(s, np.float64)
-    t = np.interp(-2 * s, log_ab[::-1], np.arange(len(log_ab))[::-1].astype(np.float64), left=np.nan, right=np.nan)
-    return np.where(np.isfinite(s), t, np.nan)
+    return np.asarray(schedule.timestep(np.asarray(s, np.float64), outside="nan"), np.float64)
 
 
 def mode_theory(data, schedule: VPSchedule, gs) -> list[dict]:
