@@ -538,7 +538,7 @@ def plot_guidance(g: dict) -> Figure:
         ax.errorbar(range(len(names)), vals, yerr=[np.maximum(np.subtract(vals, lo), 0), np.maximum(np.subtract(hi, vals), 0)], fmt="o",
                     capsize=3)  # a bootstrap percentile interval need not contain the estimate
         ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names)
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
         ax.set(title=label)
     p = g["params"]
     fig.suptitle(f"guidance at t_c = {p['t_c']:.3f} (window {p['window'][0]:.2f}-{p['window'][1]:.2f}, scale {p['scale']}, "

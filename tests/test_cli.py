@@ -58,8 +58,11 @@ def test_patterns_command_runs_small(tmp_path):
     assert abs(sum(d["params"]["two_cluster_weights"]) - 1) < 1e-6
     rms = {k: m["nearest_rms"]["median"] for k, m in d["models"].items()}
     assert rms["full_empirical"] < min(rms["gaussian"], rms["two_cluster"], rms["patch_empirical"])  # memorises vs creates
-    for name in ("mode_rates", "correlation_length", "samples"):
+    for name in ("mode_rates", "correlation_length", "samples", "guidance", "mixture_rates"):
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    g = json.loads((out / "guidance.json").read_text())  # the exact Gaussian-mixture digits: t_c and the comparison
+    assert g["t_c_result"] == "found" and g["params"]["t_c"] == g["t_c"]
+    assert {"none", "pulse", "constant"} <= set(g["conditions"]) and "pulse-constant" in g["differences"]
 
 
 @pytest.mark.slow  # ~2 min: a tiny U-Net trained, then the quick patterns run with it

@@ -9,11 +9,12 @@ signal-to-noise ratio (eq 63), speciation time (eq 66, corrected) and collapse t
 their differences are the synchronization gap.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .._checks import as_float, check_same_k, concrete, dim_scale
-from .._results import RESULTS, finish, first_failure
+from .._results import RESULTS, Solution, finish, first_failure
 from .mixture import TwoClassMixture
 from .ou import CoupledOU
 
@@ -36,9 +37,44 @@ def eigenmodes(ou: CoupledOU):
         return lam, V
     M = concrete(ou.M)
     if M is not None and not np.allclose(M, M.T):
-        raise ValueError(f"The eigenmode formulas need a symmetric M, got {M.tolist()}.")
+        raise ValueError(_not_symmetric_message(np.asarray(M, np.float64)))
     lam, V = jnp.linalg.eigh(0.5 * (ou.M + ou.M.T))
     return lam[::-1], V[:, ::-1]
+
+
+def _not_symmetric_message(M: np.ndarray) -> str:
+    """Why a non-symmetric M has no eigenmode formulas: defective (a Jordan block), complex, or non-orthogonal modes."""
+    lam, V = np.linalg.eig(M)
+    joint = ("Only the joint quantities exist for it: `kappa`, `speciation_time`, `collapse_time` (matrix exponentials, any M).")
+    if np.linalg.cond(V) > 1e8:
+        return (f"M is defective (eigenvalues {np.round(lam, 6).tolist()} share a Jordan block), so it has no eigenbasis and "
+                f"no eigenmode decomposition; its Schur vectors are not invariant under the noise either. {joint} M = {M.tolist()}.")
+    if np.any(np.abs(lam.imag) > 1e-12 * max(1.0, np.abs(lam).max())):
+        return (f"M has complex eigenvalues {np.round(lam, 6).tolist()}: its modes rotate into each other, so no mode has a "
+                f"speciation or collapse time of its own. {joint} M = {M.tolist()}.")
+    return (f"M is diagonalisable but not symmetric: its eigenvectors are not orthogonal, so the isotropic noise couples the "
+            f"eigenmodes and the per-mode formulas (eq 62-66, 77-78) do not hold. {joint} M = {M.tolist()}.")
+
+
+def _rotate_degenerate(lam, V, gram):
+    r"""Inside each degenerate eigenspace of M (eigenvalues equal to a relative 1e-9) the eigenbasis is arbitrary,
+    and so would be the per-mode $m_i^2 = v_i^\top G_0 v_i$: rotate it to the principal axes of the projected Gram
+    $V_E^\top G_0 V_E$, which makes the modes' mean vectors orthogonal and the $m_i^2$ basis-free. Traceable: the
+    projected Gram is masked to its degenerate blocks and shifted by a multiple of the eigenvalues large enough
+    that different blocks' spectra cannot interleave, so one `eigh` diagonalises every block at once."""
+    B = V.T @ gram @ V
+    B = 0.5 * (B + B.T)
+    scale = jnp.maximum(jnp.max(jnp.abs(lam)), 1.0)
+    diff = jnp.abs(lam[:, None] - lam[None, :])
+    same = diff <= 1e-9 * scale
+    gap = jnp.min(jnp.where(same, jnp.inf, diff))
+    spread = jnp.sum(jnp.abs(B)) + 1.0
+    c = jnp.where(jnp.isfinite(gap), 4.0 * spread / jnp.where(jnp.isfinite(gap), gap, 1.0), 0.0)
+    _, W = jnp.linalg.eigh(jnp.where(same, B, 0.0) + c * jnp.diag(lam))
+    V = V @ W
+    lam = jnp.einsum("ij,i->j", W**2, lam)  # W mixes only equal eigenvalues: a permutation of lam
+    order = jnp.argsort(-lam)
+    return lam[order], V[:, order]
 
 
 def mode_decomposition(ou: CoupledOU, data: TwoClassMixture):
@@ -47,7 +83,15 @@ def mode_decomposition(ou: CoupledOU, data: TwoClassMixture):
 
     Raises when M is known not to be symmetric or the variances not to be equal; under
     `jit` the flag carries that check instead (the solvers report `not_mode_decomposable`).
+    Inside a degenerate eigenspace of a general symmetric M the modes are the principal axes
+    of the projected Gram matrix (so that $m_i^2$ does not depend on an arbitrary basis).
     """
+    lam, _, m2, sigma2, decomposable = mode_basis(ou, data)
+    return lam, m2, sigma2, decomposable
+
+
+def mode_basis(ou: CoupledOU, data: TwoClassMixture):
+    """[`mode_decomposition`][] with the eigenvectors: `(lam, V, m2, sigma2, decomposable)`, `V` by columns."""
     check_same_k(ou, data)
     lam, V = eigenmodes(ou)
     var = concrete(data.variances)
@@ -57,8 +101,10 @@ def mode_decomposition(ou: CoupledOU, data: TwoClassMixture):
         )
     sigma2 = data.variances[0]
     decomposable = jnp.all(data.variances == sigma2) & jnp.allclose(ou.M, ou.M.T)
+    if ou.structure != "symmetric":  # eq (2) keeps the paper's labelled v+, v- even at g = 0
+        lam, V = _rotate_degenerate(lam, V, data.gram)
     m2 = jnp.diagonal(V.T @ data.gram @ V)
-    return lam, m2, sigma2, decomposable
+    return lam, V, m2, sigma2, decomposable
 
 
 def mode_snrs(ou: CoupledOU, data: TwoClassMixture, t):
@@ -91,9 +137,19 @@ def mode_speciation_times(ou: CoupledOU, data: TwoClassMixture, *, dim=None, thr
     (`(ts_plus, ts_minus)` for eq 2). A mode with $m^2 = 0$ or $\kappa_{mode}(0) \le 1$
     reports `no_speciation`; a mode violating eq (59) reports `non_confining`.
     """
-    lam, m2, sigma2, decomposable = mode_decomposition(ou, data)
-    dtype = lam.dtype
-    m2 = dim_scale(dim, dtype) * m2
+    sol = _mode_speciation(ou, *mode_decomposition(ou, data), dim)
+    return _split(sol, throw, "mode_speciation_times")
+
+
+def _split(sol: Solution, throw: bool, what: str) -> tuple:
+    """A `(k,)` Solution as a tuple of k scalar ones, each through the `throw=` boundary."""
+    return tuple(finish(*jax.tree.map(lambda x: x[i], (sol.value, sol.result)), throw=throw, what=f"{what} (mode {i})")
+                 for i in range(sol.value.shape[0]))
+
+
+def _mode_speciation(ou, lam, m2, sigma2, decomposable, dim) -> Solution:
+    """The closed form of [`mode_speciation_times`][] for all modes at once: a `Solution` of shape `(k,)`."""
+    m2 = dim_scale(dim, lam.dtype) * m2
     sw2 = ou.sigma_w2
     stable = (lam < 0) & ou.stable()
     lam_s = jnp.where(stable, lam, -1.0)
@@ -101,13 +157,10 @@ def mode_speciation_times(ou: CoupledOU, data: TwoClassMixture, *, dim=None, thr
     a = sw2 / (2 * jnp.abs(lam_s) * (m2 + jnp.sqrt(m2**2 + B**2)))
     t = jnp.log(a) / (2 * lam_s)
     confining = sigma2 < sw2 / jnp.abs(lam_s)  # eq 59 for all t, since c(t) is monotone
-    out = []
-    for i in range(lam.shape[0]):
-        result = first_failure([(decomposable, RESULTS.not_mode_decomposable), (stable[i], RESULTS.unstable),
-                                (confining[i], RESULTS.non_confining), ((m2[i] > 0) & (a[i] < 1), RESULTS.no_speciation)],
-                               RESULTS.successful)
-        out.append(finish(t[i], result, throw=throw, what=f"mode_speciation_times (mode {i})"))
-    return tuple(out)
+    result = jax.vmap(lambda *ok: first_failure(list(zip(ok, (RESULTS.not_mode_decomposable, RESULTS.unstable, RESULTS.non_confining,
+                                                              RESULTS.no_speciation))), RESULTS.successful))(
+        jnp.broadcast_to(decomposable, lam.shape), stable, confining, (m2 > 0) & (a < 1))
+    return finish(t, result, throw=False, what="")
 
 
 def mode_collapse_times(ou: CoupledOU, data: TwoClassMixture, *, alpha, throw: bool = True):
@@ -121,15 +174,18 @@ def mode_collapse_times(ou: CoupledOU, data: TwoClassMixture, *, alpha, throw: b
     [`eigenmodes`][] order (`(tc_plus, tc_minus)` for eq 2).
     """
     lam, _, sigma2, decomposable = mode_decomposition(ou, data)
+    sol = _mode_collapse(ou, lam, sigma2, decomposable, alpha)
+    return _split(sol, throw, "mode_collapse_times")
+
+
+def _mode_collapse(ou, lam, sigma2, decomposable, alpha) -> Solution:
+    """The closed form of [`mode_collapse_times`][] for all modes at once: a `Solution` of shape `(k,)`."""
     alpha = as_float(alpha, "alpha").astype(lam.dtype)
     tau = -2 * lam
     stable = (tau > 0) & ou.stable()
     tau_s = jnp.where(stable, tau, 1.0)
-    r = sigma2 / ou.sigma_w2
-    t = jnp.log1p(r * tau_s / jnp.expm1(2 * alpha)) / tau_s
-    out = []
-    for i in range(lam.shape[0]):
-        result = first_failure([(decomposable, RESULTS.not_mode_decomposable), (stable[i], RESULTS.unstable),
-                                (alpha > 0, RESULTS.no_collapse)], RESULTS.successful)
-        out.append(finish(t[i], result, throw=throw, what=f"mode_collapse_times (mode {i})"))
-    return tuple(out)
+    t = jnp.log1p(sigma2 / ou.sigma_w2 * tau_s / jnp.expm1(2 * alpha)) / tau_s
+    result = jax.vmap(lambda *ok: first_failure(list(zip(ok, (RESULTS.not_mode_decomposable, RESULTS.unstable, RESULTS.no_collapse))),
+                                                RESULTS.successful))(
+        jnp.broadcast_to(decomposable, lam.shape), stable, jnp.broadcast_to(alpha > 0, lam.shape))
+    return finish(t, result, throw=False, what="")
