@@ -23,10 +23,20 @@ from .theory.collapse import (
     rem_cgf as rem_cgf,
     rem_rate as rem_rate,
 )
+from .theory.graphs import (
+    GRAPHS as GRAPHS,
+    adjacency as adjacency,
+    adjacency_eigenvalues as adjacency_eigenvalues,
+    coupling_matrix as coupling_matrix,
+    stability_interval as stability_interval,
+)
 from .theory.mixture import TwoClassMixture as TwoClassMixture
 from .theory.modes import (
+    ModeHierarchy as ModeHierarchy,
     eigenmodes as eigenmodes,
+    mode_basis as mode_basis,
     mode_collapse_times as mode_collapse_times,
+    mode_hierarchy as mode_hierarchy,
     mode_snrs as mode_snrs,
     mode_speciation_times as mode_speciation_times,
 )

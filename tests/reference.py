@@ -62,3 +62,47 @@ def anisotropic_M(beta, g):
 def gram_from_angle(mx2, my2, theta):
     c = np.sqrt(mx2 * my2) * np.cos(theta)
     return np.array([[mx2, c], [c, my2]])
+
+
+def E_Q_lyapunov(M, sw2, t):
+    """E = e^{Mt} (SciPy expm) and Q(t) = Q_inf - E Q_inf E^T, Q_inf the stationary covariance solving the Lyapunov
+    equation M Q + Q M^T + sw2 I = 0 (SciPy; a stable M only): stable at any t, unlike a block exponential."""
+    M = np.asarray(M, float)
+    E = sl.expm(M * t)
+    Qinf = sl.solve_continuous_lyapunov(M, -sw2 * np.eye(M.shape[0]))
+    return E, Qinf - E @ Qinf @ E.T
+
+
+def mode_kappas(M, sw2, gram, sigma2, t, V):
+    """Per-mode kappa_i = sw2 [V^T K V]_ii [V^T G(t) V]_ii from the full k x k matrices (K of eq 133), in the
+    orthonormal eigenbasis V of a symmetric M (where K and C are diagonal); their sum is kappa."""
+    E, Q = E_Q_lyapunov(M, sw2, t)
+    C = sigma2 * E @ E.T + Q
+    Ci = np.linalg.inv(C)
+    K = Ci @ np.linalg.inv(M + sw2 * Ci) @ Ci
+    return sw2 * np.diag(V.T @ K @ V) * np.diag(V.T @ E @ gram @ E.T @ V)
+
+
+def mode_speciation_times(M, sw2, gram, sigma2, V, t_max=30.0, scale=1.0, n_grid=600):
+    """Each mode's last crossing of scale * kappa_i(t) = 1 on [0, t_max] by brentq (NaN where none)."""
+    out = []
+    for i in range(V.shape[1]):
+        f = lambda t, i=i: scale * mode_kappas(M, sw2, gram, sigma2, t, V)[i] - 1.0  # noqa: E731
+        ts = np.linspace(1e-9, t_max, n_grid + 1)
+        F = np.array([f(t) for t in ts])
+        pos = np.nonzero(F >= 0)[0]
+        if len(pos) == 0 or pos[-1] == n_grid:
+            out.append(np.nan)
+            continue
+        out.append(so.brentq(f, ts[pos[-1]], ts[pos[-1] + 1], xtol=1e-14, rtol=1e-13))
+    return np.array(out)
+
+
+def mode_collapse_times(M, sw2, sigma2, V, alpha, lo=1e-8, hi=60.0):
+    """Each mode's collapse time: [V^T C V]_ii / [V^T Q V]_ii = e^{2 alpha} (the per-mode REM) by brentq."""
+    def f(t, i):
+        E, Q = E_Q_lyapunov(M, sw2, t)
+        C = sigma2 * E @ E.T + Q
+        return np.log((V[:, i] @ C @ V[:, i]) / (V[:, i] @ Q @ V[:, i])) - 2 * alpha
+
+    return np.array([so.brentq(f, lo, hi, args=(i,), xtol=1e-15, rtol=1e-13) for i in range(V.shape[1])])

@@ -9,9 +9,11 @@ signal-to-noise ratio (eq 63), speciation time (eq 66, corrected) and collapse t
 their differences are the synchronization gap.
 """
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array
 
 from .._checks import as_float, check_same_k, concrete, dim_scale
 from .._results import RESULTS, Solution, finish, first_failure
@@ -29,7 +31,9 @@ def eigenmodes(ou: CoupledOU):
     """
     ou.require_constant("eigenmodes")
     if ou.structure == "anisotropic":
-        raise ValueError("The anisotropic M of eq (3) is defective: it has no eigenbasis.")
+        raise ValueError("The anisotropic M of eq (3) is defective: it has no eigenbasis, so no mode has a speciation or "
+                         "collapse time of its own. Only the joint quantities exist for it: `kappa`, `speciation_time`, "
+                         "`collapse_time` (matrix exponentials, any M).")
     if ou.structure == "symmetric":
         s = 1.0 / jnp.sqrt(jnp.asarray(2.0, ou.M.dtype))
         V = jnp.array([[s, s], [s, -s]], ou.M.dtype)
@@ -57,7 +61,7 @@ def _not_symmetric_message(M: np.ndarray) -> str:
 
 
 def _rotate_degenerate(lam, V, gram):
-    r"""Inside each degenerate eigenspace of M (eigenvalues equal to a relative 1e-9) the eigenbasis is arbitrary,
+    r"""Inside each degenerate eigenspace of M (eigenvalues equal to rounding) the eigenbasis is arbitrary,
     and so would be the per-mode $m_i^2 = v_i^\top G_0 v_i$: rotate it to the principal axes of the projected Gram
     $V_E^\top G_0 V_E$, which makes the modes' mean vectors orthogonal and the $m_i^2$ basis-free. Traceable: the
     projected Gram is masked to its degenerate blocks and shifted by a multiple of the eigenvalues large enough
@@ -66,7 +70,7 @@ def _rotate_degenerate(lam, V, gram):
     B = 0.5 * (B + B.T)
     scale = jnp.maximum(jnp.max(jnp.abs(lam)), 1.0)
     diff = jnp.abs(lam[:, None] - lam[None, :])
-    same = diff <= 1e-9 * scale
+    same = diff <= 256 * jnp.finfo(lam.dtype).eps * scale  # equal to rounding (float32: 3e-5 relative)
     gap = jnp.min(jnp.where(same, jnp.inf, diff))
     spread = jnp.sum(jnp.abs(B)) + 1.0
     c = jnp.where(jnp.isfinite(gap), 4.0 * spread / jnp.where(jnp.isfinite(gap), gap, 1.0), 0.0)
@@ -189,3 +193,69 @@ def _mode_collapse(ou, lam, sigma2, decomposable, alpha) -> Solution:
                                                 RESULTS.successful))(
         jnp.broadcast_to(decomposable, lam.shape), stable, jnp.broadcast_to(alpha > 0, lam.shape))
     return finish(t, result, throw=False, what="")
+
+
+class ModeHierarchy(eqx.Module):
+    r"""The eigenmodes of a symmetric M ordered by when they commit, from [`mode_hierarchy`][].
+
+    **Attributes** (k modes in decreasing-eigenvalue order, slowest first):
+
+    - `eigenvalues` `(k,)`, `eigenvectors` `(k, k)` (columns), `m2` `(k,)` the per-mode $m_i^2$.
+    - `speciation` `(k,)`: a [`Solution`][] of each mode's speciation time (eq 65-66), NaN where it has none.
+    - `collapse` `(k,)`: a [`Solution`][] of each mode's collapse time (eq 77-78), or None without `alpha`.
+
+    **Properties:** `order` (mode indices by decreasing speciation time: the reverse process meets the first
+    one first; modes without one last), `n_committed`, `times` (the speciation times in that order, NaN-padded),
+    `gaps` `(k - 1,)` (successive differences of `times`, positive), `spread` (first minus last speciation
+    time among the committing modes; 0 for one, NaN for none), `spectral_gap` ($\lambda_1 - \lambda_2$).
+    """
+
+    eigenvalues: Array
+    eigenvectors: Array
+    m2: Array
+    speciation: Solution
+    collapse: Solution | None
+
+    @property
+    def order(self):
+        t = jnp.where(self.speciation.found, self.speciation.value, -jnp.inf)
+        return jnp.argsort(-t, stable=True)
+
+    @property
+    def n_committed(self):
+        return jnp.sum(self.speciation.found)
+
+    @property
+    def times(self):
+        return self.speciation.value[self.order]
+
+    @property
+    def gaps(self):
+        return -jnp.diff(self.times)
+
+    @property
+    def spread(self):
+        t = self.times
+        last = t[jnp.maximum(self.n_committed - 1, 0)]
+        return jnp.where(self.n_committed > 0, t[0] - last, jnp.nan)
+
+    @property
+    def spectral_gap(self):
+        return self.eigenvalues[0] - self.eigenvalues[1]
+
+
+def mode_hierarchy(ou: CoupledOU, data: TwoClassMixture, *, dim=None, alpha=None) -> ModeHierarchy:
+    r"""Per-eigenmode speciation (and, with `alpha`, collapse) times of any symmetric M with k modalities, and the
+    order in which the modes commit: the closed forms of eq (65-66) and (77-78) mode by mode, generalised from
+    $k = 2$. Each mode $v_i$ relaxes at its own rate $\lambda_i$ and carries $m_i^2 = v_i^\top G_0 v_i$ of the class
+    separation; inside a degenerate eigenspace the modes are the principal axes of the projected Gram matrix.
+    Pure `jnp`: `vmap` it over couplings (see `cd.coupling_matrix`), `jit` it, differentiate the times.
+
+    A non-symmetric M raises (a concrete one with the reason: defective, complex or non-orthogonal modes; only
+    the joint `speciation_time` / `collapse_time` exist for it); under `jit` the times carry
+    `not_mode_decomposable` instead. `dim`: as in [`mode_speciation_times`][]; `alpha`: as in [`mode_collapse_times`][].
+    """
+    lam, V, m2, sigma2, decomposable = mode_basis(ou, data)
+    spec = _mode_speciation(ou, lam, m2, sigma2, decomposable, dim)
+    coll = None if alpha is None else _mode_collapse(ou, lam, sigma2, decomposable, alpha)
+    return ModeHierarchy(lam, V, m2, spec, coll)

@@ -110,6 +110,15 @@ class CoupledOU(eqx.Module):
         M = jnp.stack([jnp.stack([-beta + zero, zero]), jnp.stack([g + zero, -beta + zero])])
         return cls(M, sigma_w2, structure="anisotropic")
 
+    @classmethod
+    def graph(cls, graph: str, k: int, beta: ScalarLike, g: ScalarLike, sigma_w2: ScalarLike) -> "CoupledOU":
+        r"""$k$ modalities coupled along a graph, $M = -\beta I + g A$ (`graph`: `"all_to_all"`, `"ring"`, `"chain"`,
+        `"star"`; see `cd.coupling_matrix`). Raises past the graph's closed-form stability bound
+        (`cd.stability_interval`). At $k = 2$ the all-to-all, chain and star graphs are eq (2)'s M."""
+        from .graphs import coupling_matrix
+
+        return cls(coupling_matrix(graph, k, beta, g), sigma_w2)
+
     @property
     def time_dependent(self) -> bool:
         """Whether $M$ is a callable $M(t)$."""

@@ -1,0 +1,134 @@
+"""k > 2 modalities: coupling graphs and their stability bounds, per-eigenmode speciation and collapse times
+against an independent SciPy computation (eigh + expm + brentq) for k = 3 and 5, degenerate eigenspaces,
+non-symmetric M, and the vmapped sweep."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import coupled_diffusion as cd
+import reference as ref
+
+
+@pytest.mark.parametrize("graph", cd.GRAPHS)
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 8, 9])
+def test_graph_spectra_and_stability_bounds_match_numpy(graph, k):
+    if graph == "ring" and k < 3:
+        pytest.skip("a ring needs k >= 3")
+    A = cd.adjacency(graph, k)
+    assert np.array_equal(A, A.T) and np.all(np.diag(A) == 0) and A.sum() == {"all_to_all": k * (k - 1), "ring": 2 * k,
+                                                                              "chain": 2 * (k - 1), "star": 2 * (k - 1)}[graph]
+    np.testing.assert_allclose(cd.adjacency_eigenvalues(graph, k), np.linalg.eigvalsh(A)[::-1], atol=1e-12)
+    beta = 1.3
+    lo, hi = (float(v) for v in cd.stability_interval(graph, k, beta))
+    for g, stable in ((hi * (1 - 1e-6), True), (hi * (1 + 1e-6), False), (lo * (1 - 1e-6), True), (lo * (1 + 1e-6), False)):
+        top = np.linalg.eigvalsh(-beta * np.eye(k) + g * A)[-1]
+        assert (top < 0) == stable
+        if stable:
+            np.testing.assert_allclose(np.asarray(cd.CoupledOU.graph(graph, k, beta, g, 2.0).M), -beta * np.eye(k) + g * A, atol=1e-12)
+        else:
+            with pytest.raises(ValueError, match="outside the stable range"):
+                cd.CoupledOU.graph(graph, k, beta, g, 2.0)
+
+
+def test_two_modalities_are_eq2():
+    for graph in ("all_to_all", "chain", "star"):
+        np.testing.assert_allclose(np.asarray(cd.coupling_matrix(graph, 2, 1.0, 0.4)), np.asarray(cd.CoupledOU.symmetric(1.0, 0.4, 2.0).M))
+    data = cd.TwoClassMixture.from_angle(3.0, 2.0, 0.6, variances=(1.0, 1.0))
+    h = cd.mode_hierarchy(cd.CoupledOU.graph("all_to_all", 2, 1.0, 0.4, 2.0), data, alpha=0.4)
+    paper = cd.mode_speciation_times(cd.CoupledOU.symmetric(1.0, 0.4, 2.0), data, throw=False)
+    np.testing.assert_allclose(np.asarray(h.speciation.value), [float(s.value) for s in paper], rtol=1e-12)
+
+
+def equicorrelated(k, m2, rho):
+    return m2 * ((1 - rho) * np.eye(k) + rho * np.ones((k, k)))
+
+
+@pytest.mark.parametrize("case", ["ring3", "chain5"])
+def test_mode_times_match_scipy_eigh_expm_brentq(case):
+    rng = np.random.default_rng(5)
+    if case == "ring3":  # a degenerate pair, isotropic data inside it
+        k, graph, g, gram = 3, "ring", 0.3, equicorrelated(3, 2.0, 0.4)
+    else:  # distinct modes, a random Gram matrix
+        k, graph, g = 5, "chain", -0.35
+        B = rng.normal(size=(k, 3))
+        gram = B @ B.T
+    ou = cd.CoupledOU.graph(graph, k, 1.0, g, 2.0)
+    data = cd.TwoClassMixture(gram, np.full(k, 0.8))
+    for dim in (None, 16):
+        h = cd.mode_hierarchy(ou, data, dim=dim, alpha=0.3)
+        M = np.asarray(ou.M)
+        lam, V = np.linalg.eigh(M)
+        lam, V = lam[::-1], V[:, ::-1]
+        np.testing.assert_allclose(np.asarray(h.eigenvalues), lam, atol=1e-12)
+        want = ref.mode_speciation_times(M, 2.0, gram, 0.8, V, scale=1.0 if dim is None else dim)
+        got = np.asarray(h.speciation.value)
+        assert np.array_equal(np.isnan(got), np.isnan(want)) and np.isfinite(want).sum() >= 2
+        np.testing.assert_allclose(got, want, rtol=1e-9)
+        # the per-mode kappas add up to the joint kappa, so the first commitment precedes the joint speciation time
+        ts = float(cd.speciation_time(ou, data, dim=dim).value)
+        assert np.nanmax(got) <= ts + 1e-9
+        np.testing.assert_allclose(ref.mode_kappas(M, 2.0, gram, 0.8, 0.7, V).sum(), ref.kappa(M, 2.0, gram, np.full(k, 0.8), 0.7), rtol=1e-9)
+    np.testing.assert_allclose(np.asarray(h.collapse.value), ref.mode_collapse_times(M, 2.0, 0.8, V, 0.3), rtol=1e-9)
+    order = np.argsort(-np.where(np.isnan(got), -np.inf, got), kind="stable")
+    np.testing.assert_array_equal(np.asarray(h.order), order)
+    fin = got[order][: np.isfinite(got).sum()]
+    assert float(h.spread) == pytest.approx(fin[0] - fin[-1], rel=1e-12)
+    np.testing.assert_allclose(np.asarray(h.gaps)[: len(fin) - 1], -np.diff(fin), rtol=1e-9, atol=1e-12)
+
+
+def test_degenerate_eigenspace_uses_the_principal_axes_of_the_projected_gram():
+    rng = np.random.default_rng(7)
+    k = 4
+    B = rng.normal(size=(k, k))
+    gram = B @ B.T  # anisotropic inside the (k - 1)-fold degenerate space of the all-to-all M
+    ou = cd.CoupledOU.graph("all_to_all", k, 1.0, 0.2, 2.0)
+    data = cd.TwoClassMixture(gram, np.ones(k))
+    h = cd.mode_hierarchy(ou, data)
+    u = np.ones(k) / np.sqrt(k)
+    P = np.linalg.svd(np.eye(k) - np.outer(u, u))[0][:, : k - 1]  # a basis of the degenerate space
+    mu, W = np.linalg.eigh(P.T @ gram @ P)
+    V = np.column_stack([u, P @ W])
+    want_m2 = np.concatenate([[u @ gram @ u], mu])
+    np.testing.assert_allclose(np.sort(np.asarray(h.m2)[1:]), np.sort(want_m2[1:]), rtol=1e-9)
+    assert float(h.m2[0]) == pytest.approx(want_m2[0], rel=1e-12)
+    V_got = np.asarray(h.eigenvectors)
+    Bd = (V_got.T @ gram @ V_got)[1:, 1:]  # inside the degenerate space the modes' mean vectors are orthogonal
+    np.testing.assert_allclose(Bd - np.diag(np.diag(Bd)), 0, atol=1e-9)
+    want = ref.mode_speciation_times(np.asarray(ou.M), 2.0, gram, 1.0, V)
+    np.testing.assert_allclose(np.sort(np.nan_to_num(np.asarray(h.speciation.value), nan=-1)), np.sort(np.nan_to_num(want, nan=-1)),
+                               rtol=1e-9)
+
+
+def test_non_symmetric_M_says_only_joint_quantities_exist():
+    data3 = cd.TwoClassMixture(np.eye(3), np.ones(3))
+    cases = {"defective": [[-1.0, 0.5, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, -2.0]],
+             "not symmetric": [[-1.0, 0.5, 0.0], [0.0, -2.0, 0.0], [0.0, 0.0, -3.0]],
+             "complex eigenvalues": [[-1.0, 0.5, 0.0], [-0.5, -1.0, 0.0], [0.0, 0.0, -2.0]]}
+    for match, M in cases.items():
+        with pytest.raises(ValueError, match=match) as e:
+            cd.mode_hierarchy(cd.CoupledOU(M, 2.0), data3)
+        assert "speciation_time" in str(e.value)
+    with pytest.raises(ValueError, match="defective"):
+        cd.mode_hierarchy(cd.CoupledOU.anisotropic(1.0, 0.5, 2.0), cd.TwoClassMixture.from_angle(1.0, 1.0, 0.3))
+    # under jit a non-symmetric M is a result code, not a number
+    bad = jax.jit(lambda M: cd.mode_hierarchy(cd.CoupledOU(M, 2.0), data3).speciation)(jnp.asarray(cases["not symmetric"]))
+    assert not np.any(np.asarray(bad.found)) and np.all(np.isnan(np.asarray(bad.value)))
+    assert np.all(np.asarray(bad.result == cd.RESULTS.not_mode_decomposable))
+
+
+def test_hierarchy_vmaps_over_couplings_and_matches_the_loop():
+    data = cd.TwoClassMixture(equicorrelated(6, 2.0, 0.5), np.ones(6))
+    lo, hi = (float(v) for v in cd.stability_interval("chain", 6, 1.0))
+    gs = np.linspace(0.9 * lo, 0.9 * hi, 7)
+    f = jax.jit(jax.vmap(lambda g: cd.mode_hierarchy(cd.CoupledOU(cd.coupling_matrix("chain", 6, 1.0, g), 2.0), data).speciation.value))
+    batch = np.asarray(f(jnp.asarray(gs)))
+    for g, row in zip(gs, batch):
+        one = np.asarray(cd.mode_hierarchy(cd.CoupledOU.graph("chain", 6, 1.0, g, 2.0), data).speciation.value)
+        np.testing.assert_allclose(row, one, rtol=1e-10, equal_nan=True)
+    # and the times are differentiable in g (closed forms)
+    d = jax.grad(lambda g: cd.mode_hierarchy(cd.CoupledOU(cd.coupling_matrix("chain", 6, 1.0, g), 2.0), data).speciation.value[0])(0.2)
+    eps = 1e-6
+    fd = (f(jnp.asarray([0.2 + eps]))[0, 0] - f(jnp.asarray([0.2 - eps]))[0, 0]) / (2 * eps)
+    assert float(d) == pytest.approx(float(fd), rel=1e-5)
