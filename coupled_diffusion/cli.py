@@ -186,6 +186,37 @@ def _check_patterns(args) -> None:
                          "`coupled-diffusion train` run.")
 
 
+def cmd_modalities(args) -> int:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    from .experiments.modalities import ModalitiesSweep, modalities_sweep
+    from .plotting import plot_modality_spread, plot_modality_times
+
+    cfg = ModalitiesSweep(graphs=tuple(args.graphs), k_max=args.k_max, n_g=args.n_g, m2=args.m2, rho=args.rho, sigma2=args.sigma2,
+                          dim=args.dim, alpha=args.alpha)
+    cfg.validate()
+    out = _Output(args.out)
+    with _bar(total=cfg.k_max - cfg.k_min + 1, desc="modalities (k)") as bar:
+        data = modalities_sweep(cfg, progress=lambda i, n: bar.update(i - bar.n))
+    out.json("modalities.json", _to_json(data))
+    out.png("mode_times.png", plot_modality_times(data))
+    out.png("spread.png", plot_modality_spread(data))
+    print("graph       k   g/g_max  committed  first t_S  last t_S  spread   spectral gap")
+    for graph, res in data["results"].items():
+        for k in sorted({min(res), 4, 8, max(res)} & set(res)):
+            r = res[k]
+            j = int(abs(r["fraction"] - 0.5).argmin())
+            n = int(r["n_committed"][j])
+            t = r["t_speciation"][j][r["order"][j]]
+            print(f"  {graph:<10} {k:>2}   {r['g'][j] / r['g_interval'][1]:.2f}     {n:>2}/{k:<2}     {t[0]:.4f}    "
+                  f"{t[max(n - 1, 0)]:.4f}    {r['spread'][j]:.4f}   {r['spectral_gap'][j]:.4f}")
+    for graph, sc in data["scaling"].items():
+        print(f"spread ~ k^p, {graph}: " + ", ".join(f"p = {v['exponent']:.3f} at g = {f} g_max" for f, v in sc.items()))
+    out.done("modalities.json, mode_times.png and spread.png")
+    return 0
+
+
 def _write_guidance(out, stem: str, guide: dict, extra: dict, title: str) -> None:
     """`stem.json` (and `stem.png`) of a guidance comparison, and its table on stdout."""
     from .plotting import plot_guidance
@@ -415,6 +446,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=_number(int, "an integer >= 2", lambda v: v >= 2), default=None,
                    help="guidance samples per digit and condition (default 50 for the exact mixture, 20 for --dit-run)")
     p.set_defaults(func=cmd_patterns)
+    p = command("modalities", "k > 2 modalities: per-eigenmode speciation/collapse over coupling graphs, k = 2..16 and g (vmapped)")
+    p.add_argument("--out", default="figures", help="output directory (default: ./figures)")
+    p.add_argument("--graphs", type=_list_of(str, "graph names"), default=("all_to_all", "ring", "chain", "star"),
+                   help="comma-separated coupling graphs (default all_to_all,ring,chain,star)")
+    p.add_argument("--k-max", type=_number(int, "an integer >= 3", lambda v: v >= 3), default=16, help="largest k (default 16)")
+    p.add_argument("--n-g", type=_number(int, "an integer >= 2", lambda v: v >= 2), default=39,
+                   help="couplings per (graph, k) across the stability interval (default 39: g = 0, +-0.5, +-0.95 of its ends on the grid)")
+    p.add_argument("--m2", type=_POS_FLOAT, default=2.0, help="per-dimension squared norm of each modality's class mean (default 2)")
+    p.add_argument("--rho", type=float, default=0.5, help="pairwise cosine between the modalities' means (default 0.5)")
+    p.add_argument("--sigma2", type=_POS_FLOAT, default=1.0, help="data variance (default 1)")
+    p.add_argument("--dim", type=_POS_INT, default=None, help="finite-d criterion d kappa = 1 (default: per dimension, eq 62)")
+    p.add_argument("--alpha", type=_POS_FLOAT, default=0.5, help="log(n)/d of the per-mode collapse times (default 0.5)")
+    p.set_defaults(func=cmd_modalities)
     p = command("optimize-schedule", "learn g(t) for Appendix C by gradient; compare with const/late/early on fresh samples")
     p.add_argument("--out", default="figures", help="output directory (default: ./figures)")
     p.add_argument("--thetas", type=_list_of(float, "numbers"), default=(0.75, 0.0), help="angles as multiples of pi (default 0.75,0)")

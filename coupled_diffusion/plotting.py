@@ -572,3 +572,49 @@ def plot_mixture_rates(mix: dict) -> Figure:
     ax.set(xlabel="OU time s", ylabel="sign(r) log(1 + |r|), top rate r", title="exact Gaussian-mixture digits: top drift rate")
     ax.legend(fontsize=7)
     return fig
+
+
+def plot_modality_times(data: dict, fraction: float = 0.5) -> Figure:
+    """Every eigenmode's speciation time against k, one panel per coupling graph, at the coupling `fraction` of
+    the positive end of each graph's stability interval; colour: the mode's eigenvalue rank (0 = slowest)."""
+    graphs = list(data["results"])
+    fig = _figure((3.2 * len(graphs), 3.4), 120)
+    axes = np.atleast_1d(fig.subplots(1, len(graphs), sharey=True))
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
+    for ax, graph in zip(axes, graphs):
+        for k, r in data["results"][graph].items():
+            k = int(k)
+            j = int(np.argmin(np.abs(np.asarray(r["fraction"], float) - fraction)))
+            t = np.asarray(r["t_speciation"], float)[j]
+            ax.scatter(np.full(k, k), t, c=[cmap(i / max(k - 1, 1)) for i in range(k)], s=8)
+        ax.set(title=f"{graph} (g = {fraction:g} g_max)", xlabel="modalities k")
+    axes[0].set_ylabel("mode speciation time t_i")
+    return fig
+
+
+def plot_modality_spread(data: dict) -> Figure:
+    """The spread of commitment times (first minus last speciating mode) against k for each graph and coupling
+    fraction, and against the spectral width lambda_1 - lambda_k and gap lambda_1 - lambda_2 over the sweep."""
+    fig = _figure((13.5, 3.8), 120)
+    ax, bx, cx = fig.subplots(1, 3)
+    for c, graph in enumerate(data["results"]):
+        res = data["results"][graph]
+        for frac, ls in ((0.5, "-"), (0.95, "--"), (-0.5, ":")):
+            ks, sp = [], []
+            for k, r in res.items():
+                j = int(np.argmin(np.abs(np.asarray(r["fraction"], float) - frac)))
+                if np.isfinite(r["spread"][j]):
+                    ks.append(int(k))
+                    sp.append(float(r["spread"][j]))
+            ax.plot(ks, sp, ls, color=f"C{c}", marker="o", ms=2, lw=1, label=f"{graph}, {frac:g} of {'g_max' if frac > 0 else 'g_min'}")
+        for x, key in ((bx, "spectral_width"), (cx, "spectral_gap")):
+            x.scatter(np.concatenate([np.asarray(r[key], float) for r in res.values()]),
+                      np.concatenate([np.asarray(r["spread"], float) for r in res.values()]), s=3, color=f"C{c}", label=graph, alpha=0.5)
+    ax.set(xlabel="modalities k", ylabel="spread of commitment times", title="first minus last mode speciation")
+    ax.legend(fontsize=5, ncol=2)
+    bx.set(xlabel=r"spectral width $\lambda_1 - \lambda_k$", ylabel="spread", title="spread against the spectral width")
+    cx.set(xlabel=r"spectral gap $\lambda_1 - \lambda_2$", ylabel="spread", title="spread against the gap")
+    bx.legend(fontsize=6)
+    return fig

@@ -6,11 +6,12 @@ $a_j$ the adjacency eigenvalues, known in closed form:
 | graph | $A$ | adjacency eigenvalues $a_j$ | stable couplings |
 |---|---|---|---|
 | `all_to_all` | $J - I$ | $k - 1$ (the uniform mode), $-1$ ($k - 1$ times) | $-\beta < g < \beta / (k - 1)$ |
-| `ring` ($k \ge 3$) | cycle | $2\cos(2\pi j / k)$, $j = 0 \dots k-1$ | $-\beta / (2 c_k) < g < \beta / 2$, $c_k = 1$ ($k$ even), $\cos(\pi / k)$ ($k$ odd) |
+| `ring` ($k \ge 3$) | cycle | $2\cos(2\pi j / k)$, $j = 0 \dots k-1$ | $-\beta / (2 c_k) < g < \beta / 2$ |
 | `chain` | path | $2\cos(\pi j / (k + 1))$, $j = 1 \dots k$ | $\lvert g\rvert < \beta / (2\cos(\pi / (k + 1)))$ |
 | `star` | hub and $k - 1$ leaves | $\pm\sqrt{k - 1}$, $0$ ($k - 2$ times) | $\lvert g\rvert < \beta / \sqrt{k - 1}$ |
 
-At $k = 2$, `all_to_all`, `chain` and `star` are the symmetric M of eq (2).
+For the ring, $c_k = 1$ for even $k$ and $\cos(\pi / k)$ for odd $k$. At $k = 2$, `all_to_all`, `chain` and
+`star` are the symmetric M of eq (2).
 """
 
 import jax.numpy as jnp

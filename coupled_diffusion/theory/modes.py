@@ -155,7 +155,7 @@ def _mode_speciation(ou, lam, m2, sigma2, decomposable, dim) -> Solution:
     """The closed form of [`mode_speciation_times`][] for all modes at once: a `Solution` of shape `(k,)`."""
     m2 = dim_scale(dim, lam.dtype) * m2
     sw2 = ou.sigma_w2
-    stable = (lam < 0) & ou.stable()
+    stable = (lam < 0) & jnp.all(lam < 0)  # M symmetric here: its eigenvalues decide (no Routh-Hurwitz)
     lam_s = jnp.where(stable, lam, -1.0)
     B = sigma2 + sw2 / (2 * lam_s)
     a = sw2 / (2 * jnp.abs(lam_s) * (m2 + jnp.sqrt(m2**2 + B**2)))
@@ -186,7 +186,7 @@ def _mode_collapse(ou, lam, sigma2, decomposable, alpha) -> Solution:
     """The closed form of [`mode_collapse_times`][] for all modes at once: a `Solution` of shape `(k,)`."""
     alpha = as_float(alpha, "alpha").astype(lam.dtype)
     tau = -2 * lam
-    stable = (tau > 0) & ou.stable()
+    stable = (tau > 0) & jnp.all(tau > 0)
     tau_s = jnp.where(stable, tau, 1.0)
     t = jnp.log1p(sigma2 / ou.sigma_w2 * tau_s / jnp.expm1(2 * alpha)) / tau_s
     result = jax.vmap(lambda *ok: first_failure(list(zip(ok, (RESULTS.not_mode_decomposable, RESULTS.unstable, RESULTS.no_collapse))),
@@ -207,7 +207,8 @@ class ModeHierarchy(eqx.Module):
     **Properties:** `order` (mode indices by decreasing speciation time: the reverse process meets the first
     one first; modes without one last), `n_committed`, `times` (the speciation times in that order, NaN-padded),
     `gaps` `(k - 1,)` (successive differences of `times`, positive), `spread` (first minus last speciation
-    time among the committing modes; 0 for one, NaN for none), `spectral_gap` ($\lambda_1 - \lambda_2$).
+    time among the committing modes; 0 for one, NaN for none), `spectral_gap` ($\lambda_1 - \lambda_2$),
+    `spectral_width` ($\lambda_1 - \lambda_k$).
     """
 
     eigenvalues: Array
@@ -242,6 +243,10 @@ class ModeHierarchy(eqx.Module):
     @property
     def spectral_gap(self):
         return self.eigenvalues[0] - self.eigenvalues[1]
+
+    @property
+    def spectral_width(self):
+        return self.eigenvalues[0] - self.eigenvalues[-1]
 
 
 def mode_hierarchy(ou: CoupledOU, data: TwoClassMixture, *, dim=None, alpha=None) -> ModeHierarchy:
