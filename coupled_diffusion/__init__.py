@@ -72,6 +72,7 @@ from .sampling.cloning import (
     ProportionCurve as ProportionCurve,
     clone_agreement as clone_agreement,
     clone_agreement_theory as clone_agreement_theory,
+    mode_clone_agreement_theory as mode_clone_agreement_theory,
     memorization_curve as memorization_curve,
     wilson_interval as wilson_interval,
 )

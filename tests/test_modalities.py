@@ -133,3 +133,54 @@ def test_hierarchy_vmaps_over_couplings_and_matches_the_loop():
     eps = 1e-6
     fd = (f(jnp.asarray([0.2 + eps]))[0, 0] - f(jnp.asarray([0.2 - eps]))[0, 0]) / (2 * eps)
     assert float(d) == pytest.approx(float(fd), rel=1e-5)
+
+
+def test_exact_score_cloning_per_eigenmode_follows_the_mode_theory_k4():
+    """k = 4 ring: class means along one eigenmode at a time (the slowest, lambda = -0.3, and the fastest,
+    lambda = -1.7); the exact-score clone agreement follows that mode's own theoretical curve within Monte Carlo
+    error, and the two modes' curves differ by far more than that error."""
+    ou = cd.CoupledOU.graph("ring", 4, 1.0, 0.35, 2.0)
+    lam, V = np.linalg.eigh(np.asarray(ou.M))
+    lam, V = lam[::-1], V[:, ::-1]
+    d, n_pairs, tb = 16, 600, np.array([0.5, 1.2, 2.5, 4.0])
+    curves = {}
+    for i in (0, 3):
+        data = cd.TwoClassMixture(1.5 * np.outer(V[:, i], V[:, i]), np.ones(4))
+        c = cd.clone_agreement(ou, data, tb, dim=d, n_pairs=n_pairs, n_steps=400, t_max=8.0, key=jax.random.key(i),
+                               increments="rademacher")
+        theory = np.asarray(cd.mode_clone_agreement_theory(ou, data, c.t_branch, dim=d))
+        assert np.allclose(theory[:, [j for j in range(4) if j != i]], 0.5, atol=1e-12)  # the other modes carry nothing
+        phi = theory[:, i]
+        np.testing.assert_allclose(phi, np.asarray(cd.clone_agreement_theory(ou, data, c.t_branch, dim=d)), atol=1e-12)
+        se = np.sqrt(np.maximum(phi * (1 - phi), 1e-3) / n_pairs)
+        assert np.all(np.abs(np.asarray(c.agreement) - phi) < 4 * se + 0.01), (i, np.asarray(c.agreement), phi)
+        curves[i] = phi
+    # the slow mode commits earlier in the reverse process (larger t): its agreement is higher at every branch time
+    assert np.all(curves[0] >= curves[3]) and np.max(curves[0] - curves[3]) > 0.25
+
+
+def test_sweep_matches_single_calls_and_the_cli_writes_its_files(tmp_path):
+    from coupled_diffusion.cli import main
+    from coupled_diffusion.experiments.modalities import ModalitiesSweep, modalities_sweep
+
+    cfg = ModalitiesSweep(k_max=5, n_g=5)
+    out = modalities_sweep(cfg)
+    assert set(out["results"]["ring"]) == {3, 4, 5} and set(out["results"]["star"]) == {2, 3, 4, 5}
+    r = out["results"]["star"][4]
+    np.testing.assert_allclose(r["fraction"], [-0.95, -0.475, 0.0, 0.475, 0.95])
+    lo, hi = r["g_interval"]
+    assert hi == pytest.approx(1 / np.sqrt(3)) and lo == pytest.approx(-1 / np.sqrt(3))
+    data = cd.TwoClassMixture(cfg.gram(4), np.ones(4))
+    for j, g in enumerate(r["g"]):
+        h = cd.mode_hierarchy(cd.CoupledOU.graph("star", 4, 1.0, g, 2.0), data, alpha=cfg.alpha)
+        np.testing.assert_allclose(r["t_speciation"][j], np.asarray(h.speciation.value), rtol=1e-10, equal_nan=True)
+        np.testing.assert_allclose(r["t_collapse"][j], np.asarray(h.collapse.value), rtol=1e-10)
+        assert r["spread"][j] == pytest.approx(float(h.spread), rel=1e-10, nan_ok=True)
+    with pytest.raises(ValueError, match="rho"):
+        ModalitiesSweep(rho=-0.5).validate()
+    with pytest.raises(ValueError, match="graphs"):
+        ModalitiesSweep(graphs=("tree",)).validate()
+    assert main(["modalities", "--out", str(tmp_path), "--k-max", "4", "--n-g", "3", "--graphs", "ring,chain"]) == 0
+    d = __import__("json").loads((tmp_path / "modalities.json").read_text())
+    assert set(d["results"]) == {"ring", "chain"} and (tmp_path / "spread.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["modalities", "--out", str(tmp_path), "--graphs", "tree"]) == 2

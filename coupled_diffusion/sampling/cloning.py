@@ -116,6 +116,27 @@ def clone_agreement_theory(ou: CoupledOU, data: TwoClassMixture, t, *, dim: int,
     return jnp.vectorize(one)(t)
 
 
+def mode_clone_agreement_theory(ou: CoupledOU, data: TwoClassMixture, t, *, dim: int, n_nodes: int = 96):
+    r"""Per-eigenmode clone-agreement curves of a symmetric M, shape `t.shape + (k,)` in [`mode_hierarchy`][]
+    order: mode $i$'s curve is [`clone_agreement_theory`][] with only that mode's share of the class information,
+    $a_i(t) = d\,m_i^2 e^{2\lambda_i t} / c_i(t)$, $c_i = \sigma^2 e^{2\lambda_i t} + \sigma_W^2 (e^{2\lambda_i t} - 1)/(2\lambda_i)$
+    (the joint curve has $a = \sum_i a_i$, since $C(t)$ is diagonal in the eigenbasis). It is the curve an
+    exact-score cloning experiment measures when the class means lie along $v_i$ alone, and it rises through
+    1/2-ish agreement around that mode's finite-d speciation time (`mode_speciation_times(..., dim=d)`)."""
+    from ..theory.modes import mode_decomposition
+
+    ou.require_constant("mode_clone_agreement_theory")
+    lam, m2, sigma2, _ = mode_decomposition(ou, data)
+    t = jnp.asarray(t, lam.dtype)[..., None]
+    e = jnp.exp(2 * lam * t)
+    a = jnp.maximum(dim * m2, 0.0) * e / (sigma2 * e + ou.sigma_w2 * jnp.expm1(2 * lam * t) / (2 * lam))  # m2 >= 0 up to rounding
+    x, w = np.polynomial.hermite_e.hermegauss(n_nodes)
+    x, w = jnp.asarray(x, lam.dtype), jnp.asarray(w / w.sum(), lam.dtype)
+    u = a[..., None] + jnp.sqrt(a)[..., None] * x
+    p = jax.nn.sigmoid(2 * u)
+    return jnp.sum(w * (p**2 + (1 - p) ** 2), -1)
+
+
 @eqx.filter_jit
 def _clone_pairs(ou, score, z_b, key, t_from, t_max, dt, increments, max_steps):
     pair = jnp.stack([z_b, z_b])  # two clones of every master state, one noise draw per step for both
