@@ -9,8 +9,8 @@ products vectorise poorly over the strided `k x k` minor axes.
 ("structure of arrays"). Every operation is then a handful of scalar multiply-adds over
 contiguous batch arrays, which XLA fuses and vectorises: the 64-step kappa scan of the
 speciation solver runs 5x faster this way than on `(N, 2, 2)` arrays. Products and
-cofactor inverses are written out for k <= 4; larger k falls back to the dense
-`jnp.linalg` routines. `Mat` is a PyTree, so it goes through `scan`, `where` (via
+cofactor inverses are written out for k <= 4; a larger matrix is a [`DenseMat`][] (one
+array, the dense `jnp.linalg` routines) behind the same interface. `Mat` is a PyTree, so it goes through `scan`, `where` (via
 `select`), `jit`, `vmap` and `grad` like an array.
 """
 
@@ -18,6 +18,7 @@ import itertools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _SMALL = 4
 
@@ -28,8 +29,15 @@ class Mat:
 
     __slots__ = ("rows",)
 
-    def __init__(self, rows):
-        self.rows = tuple(tuple(r) for r in rows)
+    def __new__(cls, rows):
+        rows = tuple(tuple(r) for r in rows)
+        if len(rows) > _SMALL:  # a larger matrix is one dense array: entry lists would unroll O(k^3) scalar ops
+            entries = jnp.broadcast_arrays(*(jnp.asarray(a) for r in rows for a in r))
+            k = len(rows)
+            return DenseMat(jnp.stack(entries, -1).reshape(entries[0].shape + (k, k)))
+        self = object.__new__(cls)
+        self.rows = rows
+        return self
 
     # -- PyTree ----------------------------------------------------------------------
     def tree_flatten(self):
@@ -47,15 +55,21 @@ class Mat:
         """From an array of shape `batch + (k, k)`."""
         A = jnp.asarray(A)
         k = A.shape[-1]
+        if k > _SMALL:
+            return DenseMat(A)
         return cls([[A[..., i, j] for j in range(k)] for i in range(k)])
 
     @classmethod
     def eye(cls, k: int, like) -> "Mat":
+        if k > _SMALL:
+            return DenseMat(jnp.eye(k, dtype=jnp.result_type(like)) * jnp.ones_like(like)[..., None, None])
         one, zero = jnp.ones_like(like), jnp.zeros_like(like)
         return cls([[one if i == j else zero for j in range(k)] for i in range(k)])
 
     @classmethod
     def zeros(cls, k: int, like) -> "Mat":
+        if k > _SMALL:
+            return DenseMat(jnp.zeros(jnp.shape(like) + (k, k), jnp.result_type(like)))
         zero = jnp.zeros_like(like)
         return cls([[zero] * k for _ in range(k)])
 
@@ -151,6 +165,80 @@ class Mat:
         return self._map(lambda a, b: jnp.where(pred, a, b), other)
 
 
+@jax.tree_util.register_pytree_node_class
+class DenseMat:
+    """A k x k matrix with k > 4 held as one array of shape `batch + (k, k)`, with [`Mat`][]'s interface: `Mat(...)`,
+    `Mat.of`, `Mat.eye` and `Mat.zeros` return one for such k. Entry lists would write every product out as O(k^3)
+    scalar operations (the speciation solver for k = 8 took 45 s to trace and compile), where the dense routines
+    are a few operations whatever k."""
+
+    __slots__ = ("a",)
+
+    def __init__(self, a):
+        self.a = a
+
+    def tree_flatten(self):
+        return (self.a,), None
+
+    @classmethod
+    def tree_unflatten(cls, _, leaves):
+        return cls(leaves[0])
+
+    def array(self):
+        return self.a
+
+    @property
+    def k(self) -> int:
+        return self.a.shape[-1]
+
+    def __getitem__(self, ij):
+        i, j = ij
+        return self.a[..., i, j]
+
+    @staticmethod
+    def _scalar(c):
+        return jnp.asarray(c)[..., None, None]
+
+    def __add__(self, other):
+        return DenseMat(self.a + other.a)
+
+    def __sub__(self, other):
+        return DenseMat(self.a - other.a)
+
+    def __neg__(self):
+        return DenseMat(-self.a)
+
+    def __mul__(self, c):
+        return DenseMat(self.a * self._scalar(c))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, c):
+        return DenseMat(self.a / self._scalar(c))
+
+    def __matmul__(self, other):
+        return DenseMat(self.a @ other.a)
+
+    @property
+    def T(self) -> "DenseMat":
+        return DenseMat(jnp.swapaxes(self.a, -1, -2))
+
+    def sym(self) -> "DenseMat":
+        return DenseMat(0.5 * (self.a + jnp.swapaxes(self.a, -1, -2)))  # a_ij + a_ji is exactly symmetric
+
+    def trace(self):
+        return jnp.trace(self.a, axis1=-2, axis2=-1)
+
+    def det(self):
+        return jnp.linalg.det(self.a)
+
+    def inv(self) -> "DenseMat":
+        return DenseMat(jnp.linalg.inv(self.a))
+
+    def where(self, pred, other) -> "DenseMat":
+        return DenseMat(jnp.where(self._scalar(pred), self.a, other.a))
+
+
 def _dot(xs, ys):
     out = xs[0] * ys[0]
     for x, y in zip(xs[1:], ys[1:]):
@@ -179,6 +267,8 @@ def _cofactors(A):
 
 def trace_mm(A: Mat, B: Mat):
     r"""$\operatorname{tr}(AB)$ without forming the product."""
+    if isinstance(A, DenseMat):
+        return jnp.einsum("...ij,...ji->...", A.a, B.array())
     k = A.k
     return sum(A[i, j] * B[j, i] for i in range(k) for j in range(k))
 
@@ -212,6 +302,13 @@ def positive_stable(X: Mat):
         return a[n] if 0 <= n <= k else jnp.zeros_like(like)
 
     ok = jnp.ones(jnp.shape(like), bool)
+    if isinstance(X, DenseMat):  # the Hurwitz matrix once, its leading minors by dense determinants
+        coefs = jnp.stack(a + [jnp.zeros_like(like)], -1)  # index k + 1: zero
+        idx = np.array([[2 * (j + 1) - (i + 1) for j in range(k)] for i in range(k)])
+        H = coefs[..., np.where((idx >= 0) & (idx <= k), idx, k + 1)]
+        for m in range(1, k + 1):
+            ok = ok & (jnp.linalg.det(H[..., :m, :m]) > 0)
+        return ok
     for m in range(1, k + 1):
         H = Mat([[coef(2 * (j + 1) - (i + 1)) for j in range(m)] for i in range(m)])
         ok = ok & (H.det() > 0)

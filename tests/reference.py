@@ -83,17 +83,18 @@ def mode_kappas(M, sw2, gram, sigma2, t, V):
     return sw2 * np.diag(V.T @ K @ V) * np.diag(V.T @ E @ gram @ E.T @ V)
 
 
-def mode_speciation_times(M, sw2, gram, sigma2, V, t_max=30.0, scale=1.0, n_grid=600):
-    """Each mode's last crossing of scale * kappa_i(t) = 1 on [0, t_max] by brentq (NaN where none)."""
+def mode_speciation_times(M, sw2, gram, sigma2, V, t_max=15.0, scale=1.0, n_grid=150):
+    """Each mode's last crossing of scale * kappa_i(t) = 1 on [0, t_max] by brentq (NaN where none); the grid
+    evaluates every mode's kappa at once."""
+    ts = np.linspace(1e-9, t_max, n_grid + 1)
+    F = np.array([scale * mode_kappas(M, sw2, gram, sigma2, t, V) - 1.0 for t in ts])  # (grid, k)
     out = []
     for i in range(V.shape[1]):
-        f = lambda t, i=i: scale * mode_kappas(M, sw2, gram, sigma2, t, V)[i] - 1.0  # noqa: E731
-        ts = np.linspace(1e-9, t_max, n_grid + 1)
-        F = np.array([f(t) for t in ts])
-        pos = np.nonzero(F >= 0)[0]
+        pos = np.nonzero(F[:, i] >= 0)[0]
         if len(pos) == 0 or pos[-1] == n_grid:
             out.append(np.nan)
             continue
+        f = lambda t, i=i: scale * mode_kappas(M, sw2, gram, sigma2, t, V)[i] - 1.0  # noqa: E731
         out.append(so.brentq(f, ts[pos[-1]], ts[pos[-1] + 1], xtol=1e-14, rtol=1e-13))
     return np.array(out)
 

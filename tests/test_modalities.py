@@ -146,7 +146,7 @@ def test_exact_score_cloning_per_eigenmode_follows_the_mode_theory_k4():
     curves = {}
     for i in (0, 3):
         data = cd.TwoClassMixture(1.5 * np.outer(V[:, i], V[:, i]), np.ones(4))
-        c = cd.clone_agreement(ou, data, tb, dim=d, n_pairs=n_pairs, n_steps=400, t_max=8.0, key=jax.random.key(i),
+        c = cd.clone_agreement(ou, data, tb, dim=d, n_pairs=n_pairs, n_steps=250, t_max=8.0, key=jax.random.key(i),
                                increments="rademacher")
         theory = np.asarray(cd.mode_clone_agreement_theory(ou, data, c.t_branch, dim=d))
         assert np.allclose(theory[:, [j for j in range(4) if j != i]], 0.5, atol=1e-12)  # the other modes carry nothing
@@ -205,3 +205,42 @@ def test_gradients_stay_exact_inside_degenerate_eigenspaces(case):
         assert np.all(np.isfinite(fd))
         np.testing.assert_allclose(np.asarray(jax.jacfwd(f)(g)), fd, rtol=1e-6, atol=1e-8)
         np.testing.assert_allclose(np.asarray(jax.jacrev(f)(g)), fd, rtol=1e-6, atol=1e-8)
+
+
+def test_joint_solvers_at_k_8_and_16_match_scipy_and_stability_matches_eigvals():
+    """k > 4 runs on dense k x k arrays (`DenseMat`): the joint speciation and collapse times of rings of 8 and 16
+    modalities against SciPy (expm, the Lyapunov solve, brentq), and Routh-Hurwitz against `np.linalg.eigvals`."""
+    import scipy.optimize as so
+
+    from coupled_diffusion._linalg import DenseMat, Mat, positive_stable
+
+    for k in (8, 16):
+        ou = cd.CoupledOU.graph("ring", k, 1.0, 0.25, 2.0)
+        M = np.asarray(ou.M)
+        gram = equicorrelated(k, 2.0, 0.5)
+        data = cd.TwoClassMixture(gram, np.full(k, 0.9))
+
+        def kap(t):
+            return ref.kappa(M, 2.0, gram, np.full(k, 0.9), t, E_Q_fn=ref.E_Q_lyapunov) - 1.0
+
+        ts = np.linspace(1e-6, 20.0, 201)
+        F = np.array([kap(t) for t in ts])
+        j = np.flatnonzero(F >= 0)[-1]
+        want = so.brentq(kap, ts[j], ts[j + 1], xtol=1e-14, rtol=1e-13)
+        assert float(cd.speciation_time(ou, data, t_max=20.0).value) == pytest.approx(want, rel=1e-9)
+
+        def lhs(t):
+            E, Q = ref.E_Q_lyapunov(M, 2.0, t)
+            C = 0.9 * E @ E.T + Q
+            return (np.linalg.slogdet(C)[1] - np.linalg.slogdet(Q)[1]) / (2 * k) - 0.3
+
+        assert float(cd.collapse_time(ou, data, alpha=0.3).value) == pytest.approx(so.brentq(lhs, 1e-8, 50.0, xtol=1e-15), rel=1e-9)
+    rng = np.random.default_rng(3)
+    seen = set()
+    for _ in range(20):
+        X = rng.normal(size=(6, 6)) + rng.uniform(-1.0, 4.0) * np.eye(6)
+        assert isinstance(Mat.of(X), DenseMat)
+        want = bool(np.all(np.linalg.eigvals(X).real > 0))
+        assert bool(positive_stable(Mat.of(X))) == want
+        seen.add(want)
+    assert seen == {True, False}

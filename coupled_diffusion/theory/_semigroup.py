@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import expm
 
-from .._linalg import Mat
+from .._linalg import DenseMat, Mat
 
 # the doubling loop runs a fixed number of (masked) steps so it is reverse-differentiable
 MAX_DOUBLINGS = 24
@@ -104,10 +104,7 @@ def _van_loan_block(M: Mat, sigma_w2, tau) -> tuple[Mat, Mat]:
 
 def doublings_needed(M: Mat, t):
     r"""Number $s$ of semigroup doublings that bring $\|M\|_\infty |t| / 2^s$ below the series' reach (no gradient)."""
-    row_sums = [sum(jnp.abs(a) for a in r) for r in M.rows]
-    norm = row_sums[0]
-    for r in row_sums[1:]:
-        norm = jnp.maximum(norm, r)
+    norm = jnp.max(jnp.sum(jnp.abs(M.array()), -1), -1)
     size = jax.lax.stop_gradient(jnp.abs(t) * norm)
     return jnp.ceil(jnp.log2(jnp.maximum(size, 1e-30) / _TARGET_NORM))
 
@@ -155,6 +152,9 @@ def covariances(M: Mat, sigma_w2, variances, t, series: SeriesCoefficients | Non
 def scaled_gram(E: Mat, variances) -> Mat:
     r"""$E \operatorname{diag}(v) E^\top$."""
     k = E.k
+    if isinstance(E, DenseMat):
+        v = jnp.stack(jnp.broadcast_arrays(*variances), -1)
+        return DenseMat(E.a @ (v[..., :, None] * jnp.swapaxes(E.a, -1, -2))).sym()
     out = [[None] * k for _ in range(k)]
     for i in range(k):
         for j in range(i, k):
