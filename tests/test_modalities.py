@@ -12,7 +12,7 @@ import coupled_diffusion as cd
 
 
 @pytest.mark.parametrize("graph", cd.GRAPHS)
-@pytest.mark.parametrize("k", [2, 3, 4, 5, 8, 9])
+@pytest.mark.parametrize("k", [2, 3, 5, 8])
 def test_graph_spectra_and_stability_bounds_match_numpy(graph, k):
     if graph == "ring" and k < 3:
         pytest.skip("a ring needs k >= 3")
@@ -207,34 +207,34 @@ def test_gradients_stay_exact_inside_degenerate_eigenspaces(case):
         np.testing.assert_allclose(np.asarray(jax.jacrev(f)(g)), fd, rtol=1e-6, atol=1e-8)
 
 
-def test_joint_solvers_at_k_8_and_16_match_scipy_and_stability_matches_eigvals():
-    """k > 4 runs on dense k x k arrays (`DenseMat`): the joint speciation and collapse times of rings of 8 and 16
+@pytest.mark.parametrize("k", [8, pytest.param(16, marks=pytest.mark.slow)])
+def test_joint_solvers_at_large_k_match_scipy_and_stability_matches_eigvals(k):
+    """k > 4 runs on dense k x k arrays (`DenseMat`): the joint speciation and collapse times of a ring of k
     modalities against SciPy (expm, the Lyapunov solve, brentq), and Routh-Hurwitz against `np.linalg.eigvals`."""
     import scipy.optimize as so
 
     from coupled_diffusion._linalg import DenseMat, Mat, positive_stable
 
-    for k in (8, 16):
-        ou = cd.CoupledOU.graph("ring", k, 1.0, 0.25, 2.0)
-        M = np.asarray(ou.M)
-        gram = equicorrelated(k, 2.0, 0.5)
-        data = cd.TwoClassMixture(gram, np.full(k, 0.9))
+    ou = cd.CoupledOU.graph("ring", k, 1.0, 0.25, 2.0)
+    M = np.asarray(ou.M)
+    gram = equicorrelated(k, 2.0, 0.5)
+    data = cd.TwoClassMixture(gram, np.full(k, 0.9))
 
-        def kap(t):
-            return ref.kappa(M, 2.0, gram, np.full(k, 0.9), t, E_Q_fn=ref.E_Q_lyapunov) - 1.0
+    def kap(t):
+        return ref.kappa(M, 2.0, gram, np.full(k, 0.9), t, E_Q_fn=ref.E_Q_lyapunov) - 1.0
 
-        ts = np.linspace(1e-6, 20.0, 201)
-        F = np.array([kap(t) for t in ts])
-        j = np.flatnonzero(F >= 0)[-1]
-        want = so.brentq(kap, ts[j], ts[j + 1], xtol=1e-14, rtol=1e-13)
-        assert float(cd.speciation_time(ou, data, t_max=20.0).value) == pytest.approx(want, rel=1e-9)
+    ts = np.linspace(1e-6, 20.0, 201)
+    F = np.array([kap(t) for t in ts])
+    j = np.flatnonzero(F >= 0)[-1]
+    want = so.brentq(kap, ts[j], ts[j + 1], xtol=1e-14, rtol=1e-13)
+    assert float(cd.speciation_time(ou, data, t_max=20.0).value) == pytest.approx(want, rel=1e-9)
 
-        def lhs(t):
-            E, Q = ref.E_Q_lyapunov(M, 2.0, t)
-            C = 0.9 * E @ E.T + Q
-            return (np.linalg.slogdet(C)[1] - np.linalg.slogdet(Q)[1]) / (2 * k) - 0.3
+    def lhs(t):
+        E, Q = ref.E_Q_lyapunov(M, 2.0, t)
+        C = 0.9 * E @ E.T + Q
+        return (np.linalg.slogdet(C)[1] - np.linalg.slogdet(Q)[1]) / (2 * k) - 0.3
 
-        assert float(cd.collapse_time(ou, data, alpha=0.3).value) == pytest.approx(so.brentq(lhs, 1e-8, 50.0, xtol=1e-15), rel=1e-9)
+    assert float(cd.collapse_time(ou, data, alpha=0.3).value) == pytest.approx(so.brentq(lhs, 1e-8, 50.0, xtol=1e-15), rel=1e-9)
     rng = np.random.default_rng(3)
     seen = set()
     for _ in range(20):
