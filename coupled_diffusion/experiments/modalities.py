@@ -87,7 +87,7 @@ def _one_k(cfg: ModalitiesSweep, graphs: list[str], k: int) -> dict:
     gs = np.stack([np.where(f < 0, -f * lo, f * hi) for lo, hi in intervals])
     As = np.stack([adjacency(graph, k) for graph in graphs])
     data = TwoClassMixture(cfg.gram(k), np.full(k, cfg.sigma2))
-    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    dtype = jnp.result_type(float)  # float64 under jax_enable_x64
 
     def one(A, g):
         M = -cfg.beta * jnp.eye(k, dtype=dtype) + g * A  # = coupling_matrix(graph, k, beta, g), traced

@@ -119,7 +119,7 @@ def pattern_formation(
         out["models"][name] = {
             "shell_n2": n2, "shell_rates": np.asarray(shell[..., 0]), "top": np.asarray(rates.top),
             "top_mode_n2": np.sum(top_mode**2, -1), "t_c": float(sol.value) if bool(sol.found) else None,
-            "t_c_result": "found" if bool(sol.found) else _first_sentence(sol.message),
+            "t_c_result": _result_text(sol),
             "gl_r": np.asarray(gl.r), "gl_c": np.asarray(gl.c), "gl_xi": np.asarray(gl.xi), "gl_rms": np.asarray(gl.rms),
         }
         tick()
@@ -189,6 +189,11 @@ def _first_sentence(text: str) -> str:
     return text.split(":")[0] if ":" in text else text
 
 
+def _result_text(sol) -> str:
+    """"found", or the first sentence of a failed solve's message (for JSON and tables)."""
+    return "found" if bool(sol.found) else _first_sentence(sol.message)
+
+
 def network_criticality(eps_fn, schedule, x_mean, *, shape, shells: int = 6, n_times: int = 16, gl_shells: int = 3,
                         batch: int | None = 64) -> dict:
     r"""Mode rates, $t_c$ and the Ginzburg-Landau fit of a trained VP noise predictor (a U-Net or DiT of the MNIST runs).
@@ -231,7 +236,7 @@ def network_criticality(eps_fn, schedule, x_mean, *, shape, shells: int = 6, n_t
     shell_n2, shell_rates = rates.shells()
     return {
         "timesteps": steps, "ou_times": s, "shell_n2": shell_n2, "shell_rates": np.asarray(shell_rates[..., 0]), "top": top,
-        "t_c": float(sol.value) if bool(sol.found) else None, "t_c_result": "found" if bool(sol.found) else _first_sentence(sol.message),
+        "t_c": float(sol.value) if bool(sol.found) else None, "t_c_result": _result_text(sol),
         "t_c_timestep": float(np.interp(float(sol.value), s, steps)) if bool(sol.found) else None,
         "gl_r": np.asarray(gl.r), "gl_c": np.asarray(gl.c), "gl_xi": np.asarray(gl.xi),
     }
@@ -455,7 +460,7 @@ def network_xi(eps_fn, schedule, noise, *, shape, n_samples: int = 128, num_step
         sol = critical_time(lambda t, r: jnp.interp(t, jnp.asarray(s_sorted), r), jnp.asarray(top_sorted),
                             t_min=max(s_sorted[0], 1e-6), t_max=s_sorted[-1], grid_size=4 * len(s_sorted), throw=False)
         out["annealed_t_c"] = float(sol.value) if bool(sol.found) else None
-        out["annealed_t_c_result"] = "found" if bool(sol.found) else _first_sentence(sol.message)
+        out["annealed_t_c_result"] = _result_text(sol)
     return out
 
 
@@ -485,11 +490,11 @@ def mixture_guidance(out_dir, *, mnist_path=None, scale: float = 2.0, half_width
     schedule = VPSchedule.linear(1000)
     x, y = load_mnist("train", mnist_path)
     model = GaussianMixtureEps.fit(2.0 * np.asarray(x)[..., None] - 1.0, y, schedule, num_classes=10, ridge=ridge)
-    s_max = float(-0.5 * np.log(schedule.alphas_cumprod[-1]))
+    s_max = float(schedule.ou_time(schedule.T - 1))
     sol = model.critical_time(t_min=0.01, t_max=min(4.0, s_max), throw=False)
     grid = np.linspace(0.01, min(4.0, s_max), 41)
     top = np.asarray(jax.jit(jax.vmap(model.top_rate))(jnp.asarray(grid, model.means.dtype)), np.float64)
-    out = {"t_c": float(sol.value) if bool(sol.found) else None, "t_c_result": "found" if bool(sol.found) else _first_sentence(sol.message),
+    out = {"t_c": float(sol.value) if bool(sol.found) else None, "t_c_result": _result_text(sol),
            "rates": {"s": grid, "top": top}, "ridge": ridge}
     classifier, accuracy = train_digit_classifier(cfg, Path(out_dir), progress=progress)
     out["classifier_test_accuracy"] = accuracy

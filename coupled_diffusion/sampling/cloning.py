@@ -102,18 +102,21 @@ def clone_agreement_theory(ou: CoupledOU, data: TwoClassMixture, t, *, dim: int,
     ou.require_constant("clone_agreement_theory")
     t = jnp.asarray(t, jnp.result_type(float))
     path = MomentPath.of(ou, 0.0)
-    x, w = np.polynomial.hermite_e.hermegauss(n_nodes)
-    x, w = jnp.asarray(x, t.dtype), jnp.asarray(w / w.sum(), t.dtype)
 
     def one(tt):
         E, Q = path(tt)
         C = E @ (data.variances[:, None] * E.T) + Q
-        a = dim * jnp.trace(jnp.linalg.solve(C, E @ data.gram @ E.T))
-        u = a + jnp.sqrt(a) * x
-        p = jax.nn.sigmoid(2 * u)
-        return jnp.sum(w * (p**2 + (1 - p) ** 2))
+        return dim * jnp.trace(jnp.linalg.solve(C, E @ data.gram @ E.T))
 
-    return jnp.vectorize(one)(t)
+    return _agreement(jnp.vectorize(one)(t), n_nodes)
+
+
+def _agreement(a, n_nodes: int):
+    r"""$E_{u \sim N(a, a)}[\sigma(2u)^2 + \sigma(-2u)^2]$ elementwise in `a` >= 0, by Gauss-Hermite quadrature."""
+    x, w = np.polynomial.hermite_e.hermegauss(n_nodes)
+    x, w = jnp.asarray(x, a.dtype), jnp.asarray(w / w.sum(), a.dtype)
+    p = jax.nn.sigmoid(2 * (a[..., None] + jnp.sqrt(a)[..., None] * x))
+    return jnp.sum(w * (p**2 + (1 - p) ** 2), -1)
 
 
 def mode_clone_agreement_theory(ou: CoupledOU, data: TwoClassMixture, t, *, dim: int, n_nodes: int = 96):
@@ -130,11 +133,7 @@ def mode_clone_agreement_theory(ou: CoupledOU, data: TwoClassMixture, t, *, dim:
     t = jnp.asarray(t, lam.dtype)[..., None]
     e = jnp.exp(2 * lam * t)
     a = jnp.maximum(dim * m2, 0.0) * e / (sigma2 * e + ou.sigma_w2 * jnp.expm1(2 * lam * t) / (2 * lam))  # m2 >= 0 up to rounding
-    x, w = np.polynomial.hermite_e.hermegauss(n_nodes)
-    x, w = jnp.asarray(x, lam.dtype), jnp.asarray(w / w.sum(), lam.dtype)
-    u = a[..., None] + jnp.sqrt(a)[..., None] * x
-    p = jax.nn.sigmoid(2 * u)
-    return jnp.sum(w * (p**2 + (1 - p) ** 2), -1)
+    return _agreement(a, n_nodes)
 
 
 @eqx.filter_jit

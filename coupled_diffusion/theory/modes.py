@@ -132,10 +132,7 @@ def mode_basis(ou: CoupledOU, data: TwoClassMixture):
     sigma2 = data.variances[0]
     decomposable = jnp.all(data.variances == sigma2) & jnp.allclose(ou.M, ou.M.T)
     if ou.structure != "symmetric":  # eq (2) keeps the paper's labelled v+, v- even at g = 0
-        _, V = _rotate_degenerate(lam, V, data.gram)
-        # the Rayleigh quotients: the same values, and derivatives v^T dM v that stay exact inside a degenerate
-        # eigenspace, where the eigenvectors' own derivatives are not unique (measured: 0.15% off through `eigh`)
-        lam = jnp.einsum("ij,ik,kj->j", V, 0.5 * (ou.M + ou.M.T), V)
+        lam, V = _rotate_degenerate(lam, V, data.gram)
     m2 = jnp.diagonal(V.T @ data.gram @ V)
     return lam, V, m2, sigma2, decomposable
 
