@@ -19,7 +19,13 @@ On an accelerator, `--size XL/2` runs the same step with DiT-XL/2's shape (28 bl
 random weights) and `--bf16` computes in bfloat16 with float32 parameters on both sides (ours
 `dtype=jnp.bfloat16`, PyTorch `torch.autocast`); float32 runs allow TF32 on both sides there.
 
-    python benchmarks/dit_replica.py [--repeats 5] [--pairs 8] [--g 0.5] [--size S/2|XL/2] [--bf16]
+On a CPU the process gets `cd.tune_cpu(xla_flags=False)`: the allocator settings, and XLA's own
+routing of dots (`--ynn-flag` restores the YNN flag of plain `cd.tune_cpu()`, for comparison).
+With `--bf16` on a CPU with AMX (Sapphire Rapids and later) both sides' products run on the AMX
+tiles: PyTorch's through oneDNN, ours through XLA:CPU's YNNPACK dots (bfloat16 operands, float32
+accumulation).
+
+    python benchmarks/dit_replica.py [--repeats 5] [--pairs 8] [--g 0.5] [--size S/2|XL/2] [--bf16] [--ynn-flag]
 """
 
 import argparse
@@ -28,6 +34,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import coupled_diffusion as cd  # noqa: E402
+
+# The CPU tuning's allocator settings, without its YNN flag unless --ynn-flag: on this inference
+# step the flag costs ~15% in float32 and 2.4x in bfloat16 (benchmarks/README.md).
+cd.tune_cpu(xla_flags="--ynn-flag" in sys.argv)
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -35,9 +47,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from _torch_baseline import DEVICE, sync  # noqa: E402
 from flax import nnx  # noqa: E402
-from models import median_times  # noqa: E402  (also opts in to the CPU tuning)
+from models import median_times  # noqa: E402  (its tune_cpu() call finds the tuning above done)
 
-import coupled_diffusion as cd  # noqa: E402
 from coupled_diffusion._torch_peers import tie_dit_embedders  # noqa: E402
 from coupled_diffusion.models.pretrained import dit_from_diffusers  # noqa: E402
 
@@ -68,6 +79,7 @@ def main():
     parser.add_argument("--g", type=float, default=0.5)
     parser.add_argument("--size", choices=sorted(SIZES), default="S/2")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 parameters, on both sides")
+    parser.add_argument("--ynn-flag", action="store_true", help="keep tune_cpu()'s YNN flag (XLA:CPU; slower here)")
     args = parser.parse_args()
     import diffusers
 
@@ -127,6 +139,7 @@ def main():
     assert err < tol * float(np.abs(want).max()), f"the two steps disagree: max |diff| {err}"
     times = median_times({"ours": lambda: ours_step(state, zj, yj).block_until_ready(), "diffusers": peer_step}, args.repeats)
     dtype = "bfloat16" if args.bf16 else "float32"
+    print(f"CPU tuning: {cd.cpu_tuning()}")
     print(f"device: {jax.devices()[0].device_kind} / torch {DEVICE}; DiT-{args.size} 32x32x4, {dtype}, {b} replica pairs, g = {args.g}, "
           f"one coupled DDIM step (t = {t_now} -> {t_prev}); outputs agree to {err:.2e}")
     for name, t in times.items():

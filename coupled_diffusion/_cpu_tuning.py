@@ -17,7 +17,8 @@ environment, which applies them at import):
    jaxlib 0.10's default routes convolutions to YNNPACK, which runs them on one thread here;
    with `dot`, convolutions stay on XLA's multi-threaded Eigen kernels and matmuls go to
    YNNPACK. Only set for the jaxlib versions it was measured on, since XLA aborts on unknown
-   flags.
+   flags. `tune_cpu(xla_flags=False)` leaves it out: it slows transformer inference and makes
+   XLA compute bfloat16 dots in float32 (off the AMX tiles of newer Xeons).
 
 Neither is applied when `COUPLED_DIFFUSION_CPU_TUNING=0` (which overrides `tune_cpu()` too),
 when JAX will run on an accelerator (an accelerator plugin is installed and `JAX_PLATFORMS`
@@ -84,9 +85,16 @@ def _tune_xla_flags() -> str:
     return f"applied: {YNN_FLAG}"
 
 
-def tune_cpu() -> dict[str, str]:
+def tune_cpu(*, xla_flags: bool = True) -> dict[str, str]:
     """Apply the CPU tuning of the module docstring to this process, once; call it before any JAX
     computation (the XLA flag is skipped once JAX's backend has started).
+
+    **Arguments:**
+
+    - `xla_flags`: False keeps XLA:CPU's own routing of dots (the allocator settings still apply).
+      The YNN flag speeds up training steps but slows transformer inference and every bfloat16
+      product: with it XLA:CPU computes bfloat16 dots in float32 instead of on the AMX tiles
+      (measured in `benchmarks/README.md`, dit_replica.py; the replica benchmark passes False).
 
     **Returns:** what was done, as [`cpu_tuning`][] reports it.
     """
@@ -97,7 +105,8 @@ def tune_cpu() -> dict[str, str]:
             reason = "skipped: JAX is expected to run on an accelerator"
             _REPORT.update(allocator=reason, xla_flags=reason)
         else:
-            _REPORT.update(allocator=_tune_allocator(), xla_flags=_tune_xla_flags())
+            _REPORT.update(allocator=_tune_allocator(),
+                           xla_flags=_tune_xla_flags() if xla_flags else "skipped: tune_cpu(xla_flags=False)")
     return cpu_tuning()
 
 

@@ -3,7 +3,7 @@
 Every flag is checked before any JAX work (argparse types for ranges, the output directory,
 the training configuration), and an error is one line, `coupled-diffusion: error: ...`, with
 exit status 2 (`--debug` shows the traceback instead). The command then opts in to the
-library's CPU tuning (`tune_cpu`).
+library's CPU tuning (`tune_cpu`; without its XLA flag for `dit-sync --weights`, which only samples).
 """
 
 import argparse
@@ -539,7 +539,7 @@ def _parser() -> argparse.ArgumentParser:
                    "needs --vae and --encoder")
     p.add_argument("--vae", help="with --weights: the local diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema)")
     p.add_argument("--encoder", help="with --weights: torchvision's resnet50 state dict (.pth, or .safetensors / .npz)")
-    p.add_argument("--bf16", action="store_true", help="with --weights: bfloat16 DiT compute (accelerators)")
+    p.add_argument("--bf16", action="store_true", help="with --weights: bfloat16 DiT compute (accelerators, and CPUs with AMX)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_dit_sync)
     return parser
@@ -641,7 +641,9 @@ def main(argv=None) -> int:
             _check_patterns(args)
         from ._cpu_tuning import tune_cpu
 
-        tune_cpu()  # the command opts in; importing the library does not (README, "CPU tuning")
+        # the command opts in; importing the library does not (README, "CPU tuning"). A pretrained DiT run
+        # (`dit-sync --weights`) only samples: XLA's own dot routing is faster there, and keeps bfloat16 on AMX
+        tune_cpu(xla_flags=not (args.command == "dit-sync" and getattr(args, "weights", None)))
         return args.func(args)
     except _known_errors() as e:
         if args.debug:

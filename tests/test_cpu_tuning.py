@@ -56,6 +56,14 @@ def test_applied_on_a_fresh_cpu_process_when_asked(how):
     assert (YNN_FLAG in got["xla_flags"]) == xla.startswith("applied")
 
 
+@glibc
+def test_xla_flags_false_keeps_the_allocator_part_only():
+    got = _report(tune="cd.tune_cpu(xla_flags=False)", XLA_FLAGS="--xla_cpu_enable_fast_math=false")
+    assert got["report"]["allocator"].startswith("applied")
+    assert got["report"]["xla_flags"] == "skipped: tune_cpu(xla_flags=False)"
+    assert got["xla_flags"] == "--xla_cpu_enable_fast_math=false"
+
+
 def test_opt_out_leaves_the_process_alone():
     got = _report(COUPLED_DIFFUSION_CPU_TUNING="0", XLA_FLAGS="--xla_cpu_enable_fast_math=false")
     assert all(v.startswith("skipped") and "COUPLED_DIFFUSION_CPU_TUNING=0" in v for v in got["report"].values())

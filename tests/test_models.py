@@ -106,6 +106,28 @@ def test_bfloat16_compute_keeps_float32_params_and_close_outputs():
     assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a)) < 0.03
 
 
+def _dots(jaxpr):
+    """Every dot_general in a closed jaxpr, nested calls included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            yield from _dots(sub)
+
+
+@pytest.mark.parametrize("replica_g", [None, 0.5])
+def test_bfloat16_products_accumulate_in_float32(replica_g):
+    # bfloat16 operands, float32 accumulation and result: the form XLA:CPU runs on AMX tiles and the
+    # more accurate one; a bfloat16-result product anywhere in the forward would fail here
+    kw = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=5)
+    model = cd.DiT(**kw, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    x, t, y = jnp.zeros((4, 8, 8, 4)), jnp.ones(4), jnp.zeros(4, int)
+    jaxpr = jax.make_jaxpr(lambda x: model(x, t, y, replica_g=replica_g))(x).jaxpr
+    low = [e for e in _dots(jaxpr) if e.invars[0].aval.dtype == jnp.bfloat16]
+    assert len(low) >= 2 * (6 + (2 if replica_g is None else 4))  # per block: q, k, v, proj, fc1, fc2; attention 2 or 4
+    assert all(e.outvars[0].aval.dtype == jnp.float32 for e in low), [str(e.outvars[0].aval) for e in low]
+
+
 def test_dit_errors():
     with pytest.raises(ValueError, match="Unknown DiT config"):
         cd.DiT.from_config("DiT-M/2", rngs=nnx.Rngs(0))

@@ -379,7 +379,7 @@ def _chunked(fn, chunk: int):
 def pretrained_backbone(weights, vae, encoder, *, bf16: bool = False, chunk: int = 32, num_heads: int | None = None) -> Backbone:
     """A pretrained latent DiT (DiT-XL/2: an official `.pt` file or a diffusers folder, `weights`), the
     SD VAE decoder from the local diffusers folder `vae`, and torchvision's ResNet-50 features from the
-    local state dict `encoder`, for [`run_dit_sync`][]. `bf16`: the DiT computes in bfloat16 (accelerators);
+    local state dict `encoder`, for [`run_dit_sync`][]. `bf16`: the DiT computes in bfloat16 (accelerators, and CPUs with AMX tiles);
     `num_heads`: for an official file of no named size (see `load_dit_official`).
     Nothing is downloaded; a missing path raises an error that says what to pass."""
     from ..models.pretrained import load_dit_diffusers, load_dit_official

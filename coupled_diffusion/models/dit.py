@@ -15,7 +15,11 @@ dropout during training), `depth` adaLN-Zero blocks and a final adaLN layer; wit
 zero-initialised, so a fresh model outputs zeros and every block starts as the identity.
 
 Mixed precision: `dtype=jnp.bfloat16` computes in bfloat16 with float32 parameters
-(`param_dtype`); layer norms, the softmax and the adaLN modulations stay in float32.
+(`param_dtype`); layer norms, the softmax and the adaLN modulations stay in float32, and every
+matrix product takes bfloat16 operands and accumulates and returns float32
+(`preferred_element_type`), rounded to bfloat16 where the next product reads it. Besides the
+accuracy, that is the form XLA:CPU runs on AMX tiles (Sapphire Rapids and later): a bfloat16
+product with a bfloat16 result takes a slow path there (`benchmarks/README.md`, dit_replica.py).
 """
 
 import dataclasses
@@ -81,6 +85,13 @@ def _part(init, axis: str | None, *spec):
     if axis is None:
         return init
     return nnx.with_partitioning(init, tuple(axis if d == "fsdp" else d for d in spec))
+
+
+def _accumulate(dtype):
+    """`preferred_element_type` for products computed in `dtype`: float32 for a sub-32-bit float, else None."""
+    if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+        return jnp.float32
+    return None
 
 
 @jax.custom_jvp
@@ -163,15 +174,16 @@ class LabelEmbedder(nnx.Module):
 
 def softmax_attention(q, k, v):
     """softmax(q k^T / sqrt(d)) v over the last two axes (tokens, head dim), the softmax in float32 at
-    least (bfloat16 compute) and float64 kept."""
-    scores = q @ k.swapaxes(-1, -2)
+    least (bfloat16 compute: both products accumulate in float32) and float64 kept."""
+    acc = _accumulate(q.dtype)
+    scores = jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=acc)
     soft = jnp.promote_types(scores.dtype, jnp.float32)
     scores = scores.astype(soft) * (1.0 / math.sqrt(q.shape[-1]))
     # Normalised late: exp(s - max) @ v, then divided by the row sums, so the division runs over
     # (tokens, head_dim) instead of (tokens, tokens) and the weights are never materialised
     # normalised (1.8x faster than jax.nn.softmax(...) @ v for DiT-S/2's 256 tokens on XLA:CPU).
     e = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
-    out = (e.astype(v.dtype) @ v).astype(soft) / e.sum(axis=-1, keepdims=True)
+    out = jnp.matmul(e.astype(v.dtype), v, preferred_element_type=acc).astype(soft) / e.sum(axis=-1, keepdims=True)
     return out.astype(v.dtype)
 
 
@@ -180,7 +192,7 @@ class Attention(nnx.Module):
         if hidden_size % num_heads:
             raise ValueError(f"`hidden_size` ({hidden_size}) must be divisible by `num_heads` ({num_heads}).")
         init = _part(nnx.initializers.xavier_uniform(), fsdp_axis, None, "fsdp")
-        kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=init, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=init, preferred_element_type=_accumulate(dtype), rngs=rngs)
         self.num_heads = num_heads
         self.qkv = nnx.Linear(hidden_size, 3 * hidden_size, **kw)
         self.proj = _Dense(hidden_size, hidden_size, **kw)
@@ -197,7 +209,9 @@ class Attention(nnx.Module):
         # (b, n, h, d) layout (benchmarks/README.md).
         x, kernel, bias = self.qkv.promote_dtype((x, self.qkv.kernel[...], self.qkv.bias[...]), dtype=self.qkv.dtype)
         kernel, bias = kernel.reshape(c, 3, h, c // h), bias.reshape(3, h, 1, c // h)
-        q, k, v = (jnp.einsum("bnc,chd->bhnd", x, kernel[:, i]) + bias[i] for i in range(3))
+        acc = _accumulate(self.qkv.dtype)
+        q, k, v = ((jnp.einsum("bnc,chd->bhnd", x, kernel[:, i], preferred_element_type=acc) + bias[i]).astype(x.dtype)
+                   for i in range(3))
         if replica_g is None:
             out = softmax_attention(q, k, v)
         else:  # the batch holds two replicas, [first B | second B]: blockwise-softmax coupling (eq 19)
@@ -212,7 +226,7 @@ class Attention(nnx.Module):
 class Mlp(nnx.Module):
     def __init__(self, hidden_size: int, mlp_ratio: float, *, dtype=None, param_dtype=jnp.float32, fsdp_axis=None, rngs):
         init = _part(nnx.initializers.xavier_uniform(), fsdp_axis, None, "fsdp")
-        kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=init, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=init, preferred_element_type=_accumulate(dtype), rngs=rngs)
         inner = int(hidden_size * mlp_ratio)
         self.fc1 = _Dense(hidden_size, inner, **kw)
         self.fc2 = _Dense(inner, hidden_size, **kw)
