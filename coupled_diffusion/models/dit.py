@@ -18,7 +18,8 @@ Mixed precision: `dtype=jnp.bfloat16` computes in bfloat16 with float32 paramete
 (`param_dtype`); layer norms, the softmax and the adaLN modulations stay in float32, and every
 matrix product takes bfloat16 operands and accumulates and returns float32
 (`preferred_element_type`), rounded to bfloat16 where the next product reads it. Besides the
-accuracy, that is the form XLA:CPU runs on AMX tiles (Sapphire Rapids and later): a bfloat16
+accuracy, that is the only form XLA:CPU hands to YNNPACK's AMX kernels (Sapphire Rapids and later;
+it does so for most of the dense layers, not for the attention's batched products): a bfloat16
 product with a bfloat16 result takes a slow path there (`benchmarks/README.md`, dit_replica.py).
 """
 
