@@ -643,7 +643,7 @@ def main(argv=None) -> int:
 
         # the command opts in; importing the library does not (README, "CPU tuning"). A pretrained DiT run
         # (`dit-sync --weights`) only samples: XLA's own dot routing is faster there, and keeps bfloat16 on AMX
-        tune_cpu(xla_flags=not (args.command == "dit-sync" and getattr(args, "weights", None)))
+        tune_cpu(xla_flags=not (args.command == "dit-sync" and args.weights))
         return args.func(args)
     except _known_errors() as e:
         if args.debug:

@@ -210,7 +210,7 @@ class Attention(nnx.Module):
         # (b, n, h, d) layout (benchmarks/README.md).
         x, kernel, bias = self.qkv.promote_dtype((x, self.qkv.kernel[...], self.qkv.bias[...]), dtype=self.qkv.dtype)
         kernel, bias = kernel.reshape(c, 3, h, c // h), bias.reshape(3, h, 1, c // h)
-        acc = _accumulate(self.qkv.dtype)
+        acc = self.qkv.preferred_element_type
         q, k, v = ((jnp.einsum("bnc,chd->bhnd", x, kernel[:, i], preferred_element_type=acc) + bias[i]).astype(x.dtype)
                    for i in range(3))
         if replica_g is None:
